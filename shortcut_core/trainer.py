@@ -1,0 +1,350 @@
+"""The SCFM training loop: velocity-field self-distillation of a LoRA with a dual EMA.
+
+The trainer knows a module (where the LoRA lives) and a velocity callable that runs it:
+`v = velocity(x, t, **extra_args)`. Per-item extra arguments (text embeddings, pooled vectors,
+...) are tensors whose first dimension indexes the training latents; with
+`guidance_range` set, a per-item `guidance` tensor is added (Flux dev's distilled guidance).
+
+Per optimizer step and micro-batch: draw items (objective.draw_shortcut_items), build x_t, make
+the target under no_grad with the teacher / fast EMA / slow EMA roles, run the student once
+with grad, MSE, backward. Then clip, AdamW, and update both EMAs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activation_checkpointing import checkpoint_blocks
+from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
+                       exact_module_pattern, uniform_rank_alpha)
+from .config import ShortcutConfig
+from .lora_file import LoraMetadata
+from .objective import ItemRole, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
+from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
+from .sampling import VelocityFn
+from .schedules import packed_token_count
+
+CHECKPOINT_FORMAT = "shortcut_flow.checkpoint.1"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; training stopped before the optimizer used it."""
+
+    def __init__(self, step: int, loss: float):
+        self.step = step
+        super().__init__(f"the loss became {loss} at step {step + 1}; training stopped before applying it, and the "
+                         f"last checkpoint (if any) was kept. Lower learning_rate, check the latents for NaN/inf, or "
+                         f"train in a wider dtype.")
+
+
+class TrainingDataError(ValueError):
+    """The latents or their per-item arguments cannot be trained on; the message says which and why."""
+
+
+@dataclass
+class StepReport:
+    step: int                 # optimizer steps done so far
+    total: int                # optimizer steps planned
+    loss: float               # mean loss of this step
+    loss_shortcut: float | None
+    loss_flow: float | None
+    grad_norm: float
+
+
+@dataclass
+class TrainResult:
+    lora: LoraState           # the student: what a user samples with
+    ema_slow: LoraState
+    ema_fast: LoraState
+    losses: list[float]
+    steps: int
+    metadata: LoraMetadata
+
+
+def _check_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    if isinstance(latents, torch.Tensor):
+        stacked = latents
+    else:
+        items = list(latents)
+        if not items:
+            raise TrainingDataError("latents: the training set is empty; give at least one latent")
+        shapes = sorted({tuple(x.shape) for x in items})
+        if len(shapes) > 1:
+            raise TrainingDataError(f"latents: items have different shapes {shapes}; resize the images to one size "
+                                    f"(or train one size per run)")
+        stacked = torch.stack(items)
+    if stacked.dim() < 2 or stacked.shape[0] == 0:
+        raise TrainingDataError(f"latents: expected a batch of at least one latent, got shape {tuple(stacked.shape)}")
+    if not stacked.is_floating_point():
+        raise TrainingDataError(f"latents: expected floating-point values, got {stacked.dtype}")
+    if not torch.isfinite(stacked).all():
+        raise TrainingDataError("latents: contain NaN or inf values; re-encode the images")
+    return stacked
+
+
+class ShortcutTrainer:
+    """Holds one SCFM run: adapters in `module`, optimizer, RNG, step count and loss history.
+
+    Use as a context manager (or call close()): closing removes the adapters, leaving `module`
+    exactly as it was. `blocks` are the module's repeated blocks, for gradient checkpointing
+    (ShortcutConfig.gradient_checkpointing) and for cloning their inputs (blocks that add residuals in place).
+    """
+
+    def __init__(self, module: nn.Module, velocity: VelocityFn, latents: torch.Tensor | Sequence[torch.Tensor],
+                 config: ShortcutConfig | None = None, *, extra_args: Mapping[str, Any] | None = None,
+                 teacher_lora: Mapping[str, LoraWeights] | None = None, init_lora: Mapping[str, LoraWeights] | None = None,
+                 blocks: Sequence[nn.Module] = (), clone_block_inputs: bool = True, token_count: int | None = None,
+                 device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32):
+        self.config = config = config if config is not None else ShortcutConfig()
+        self.latents = _check_latents(latents)
+        n = self.latents.shape[0]
+        self.extra_args = dict(extra_args or {})
+        for key, value in self.extra_args.items():
+            if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != n):
+                raise TrainingDataError(f"extra argument {key!r}: has {value.shape[0] if value.dim() else 0} items but "
+                                        f"there are {n} latents; give one per latent")
+        if config.guidance_range is not None and "guidance" in self.extra_args:
+            raise TrainingDataError("extra argument 'guidance' is drawn per item by the trainer (guidance_range); "
+                                    "remove it, or set ShortcutConfig.guidance_range = None to pass your own")
+        if token_count is None and config.resolution_shift_prob > 0:
+            token_count = packed_token_count(self.latents.shape[1:])
+        self.token_count = token_count
+        self.velocity = velocity
+        self.module = module
+        self.blocks = list(blocks)
+        self.clone_block_inputs = clone_block_inputs
+        if device is None:
+            first = next(iter(module.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = torch.device(device)
+
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.adapters = ShortcutAdapters(module, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
+                                         dtype=lora_dtype, generator=self.generator, teacher=teacher_lora)
+        try:
+            # EMA initialisation as the authors: from the resumed student, else from the teacher LoRA, else zero.
+            if init_lora is not None:
+                self.adapters.load_lora_state(STUDENT, init_lora, strict=False)
+                self.adapters.restart_emas()
+            elif teacher_lora is not None:
+                for role in (EMA_SLOW, EMA_FAST):
+                    self.adapters.load_lora_state(role, teacher_lora, strict=False)
+            self.optimizer = torch.optim.AdamW(self.adapters.parameters(STUDENT), lr=config.learning_rate,
+                                               betas=config.adam_betas, eps=config.adam_eps,
+                                               weight_decay=config.weight_decay)
+        except BaseException:
+            self.adapters.detach()
+            raise
+        self.step_count = 0
+        self.losses: list[float] = []
+        self._consistent = True
+
+    # ------------------------------------------------------------------ velocity roles
+    def velocity_as(self, role: str) -> VelocityFn:
+        """The velocity callable with the module switched to `role` for each call."""
+        def velocity(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
+            with self.adapters.use(role):
+                return self.velocity(x, t, **extra)
+        return velocity
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        cfg, g, n = self.config, self.generator, self.latents.shape[0]
+        index = torch.randint(n, (cfg.batch_size,), generator=g)
+        x0 = self.latents[index].to(self.device)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(self.device, x0.dtype)
+        extra = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                 for k, v in select_items(self.extra_args, index, n).items()}
+        return x0, noise, extra
+
+    def step(self) -> StepReport:
+        """One optimizer step (grad_accum_steps micro-batches). Exceptions before the update leave
+        the run exactly as before the call (the RNG is rewound), so it can be checkpointed and resumed."""
+        cfg = self.config
+        rng_before = self.generator.get_state()
+        params = self.adapters.parameters(STUDENT)
+        total = 0.0
+        shortcut_losses: list[torch.Tensor] = []
+        flow_losses: list[torch.Tensor] = []
+        try:
+            for _ in range(cfg.grad_accum_steps):
+                x0, noise, extra = self._micro_batch()
+                draw = draw_shortcut_items(cfg.batch_size, cfg, self.generator, self.token_count)
+                if draw.guidance is not None:
+                    extra["guidance"] = draw.guidance.to(self.device)
+                t = draw.t.to(self.device)
+                x_t = interpolate(x0, noise, t)
+                target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
+                                                 fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
+                                                 extra_args=extra)
+                # The student runs last and its backward follows at once, so a recomputing
+                # checkpoint replays the forward with the student adapter still active.
+                with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,
+                                       clone_inputs=self.clone_block_inputs):
+                    prediction = self.velocity(x_t, t, **extra)
+                    loss, per_item = shortcut_loss(prediction, target)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise NonFiniteLossError(self.step_count, loss_value)
+                    (loss / cfg.grad_accum_steps).backward()
+                total += loss_value / cfg.grad_accum_steps
+                is_flow = (draw.role == ItemRole.FLOW).to(per_item.device)
+                shortcut_losses.append(per_item.detach()[~is_flow])
+                flow_losses.append(per_item.detach()[is_flow])
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(rng_before)
+            raise
+
+        self._consistent = False  # an interrupt from here on would leave a half-updated run
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        if cfg.ema_restart_every and self.step_count % cfg.ema_restart_every == 0:
+            self.adapters.restart_emas()
+        else:
+            self.adapters.update_ema(EMA_SLOW, cfg.ema_slow_decay)
+            self.adapters.update_ema(EMA_FAST, cfg.ema_fast_decay)
+        self.losses.append(total)
+        self._consistent = True
+
+        def mean_or_none(parts: list[torch.Tensor]) -> float | None:
+            joined = torch.cat(parts)
+            return float(joined.mean()) if joined.numel() else None
+
+        return StepReport(step=self.step_count, total=cfg.steps, loss=total, loss_shortcut=mean_or_none(shortcut_losses),
+                          loss_flow=mean_or_none(flow_losses), grad_norm=float(grad_norm))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, steps: int | None = None, *, callback: Callable[[StepReport], None] | None = None,
+              checkpoint_path: str | None = None, progress: bool = True) -> TrainResult:
+        """Train until `steps` optimizer steps are done in total (default config.steps).
+
+        `callback(report)` runs after every step; raising from it interrupts training. On an
+        interrupt the state after the last completed step is checkpointed (when checkpoint_path
+        is set) and the exception propagates. A non-finite loss stops training without writing.
+        """
+        goal = self.config.steps if steps is None else steps
+        bar = tqdm(total=goal, initial=self.step_count, disable=not progress, desc="SCFM training")
+        try:
+            while self.step_count < goal:
+                report = self.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{report.loss:.4g}")
+                every = self.config.checkpoint_every
+                if checkpoint_path and every and self.step_count % every == 0 and self.step_count < goal:
+                    self.save_checkpoint(checkpoint_path)
+                if callback is not None:
+                    callback(report)
+        except NonFiniteLossError:
+            raise
+        except BaseException:
+            if checkpoint_path and self._consistent and self.step_count > 0:
+                self.save_checkpoint(checkpoint_path)
+            raise
+        finally:
+            bar.close()
+        if checkpoint_path:
+            self.save_checkpoint(checkpoint_path)
+        return self.result()
+
+    def result(self) -> TrainResult:
+        return TrainResult(lora=self.adapters.lora_state(STUDENT), ema_slow=self.adapters.lora_state(EMA_SLOW),
+                           ema_fast=self.adapters.lora_state(EMA_FAST), losses=list(self.losses), steps=self.step_count,
+                           metadata=self.lora_metadata())
+
+    def lora_metadata(self) -> LoraMetadata:
+        cfg = self.config
+        config = cfg.to_dict()
+        config["trained_steps"] = self.step_count
+        return LoraMetadata(steps=cfg.sample_steps, shift=cfg.sample_shift, strength=cfg.sample_strength, config=config)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resume needs, as flat tensors plus JSON-able metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        for role in (STUDENT, EMA_SLOW, EMA_FAST):
+            for name, p in self.adapters.named_parameters(role):
+                tensors[f"{role}/{name}"] = p.detach()
+        state = self.optimizer.state_dict()
+        for i, param_state in state["state"].items():
+            for key, value in param_state.items():
+                tensors[f"optimizer/{i}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        tensors["rng"] = self.generator.get_state()
+        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "config": self.config.to_dict(),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
+                "student": [name for name, _ in self.adapters.named_parameters(STUDENT)]}
+        return tensors, meta
+
+    def save_checkpoint(self, path: str) -> None:
+        tensors, meta = self.state_tensors()
+        write_safetensors_atomic(path, tensors, {"shortcut_flow.checkpoint": json.dumps(meta)})
+
+    @torch.no_grad()
+    def load_checkpoint(self, path: str) -> None:
+        """Continue a run from a checkpoint written by save_checkpoint (same module, same LoRA layout)."""
+        tensors, raw = read_safetensors(path, what="training checkpoint")
+        if "shortcut_flow.checkpoint" not in raw:
+            raise SafetensorsFileError(f"training checkpoint {path!r} has no shortcut_flow checkpoint metadata; "
+                                       f"it is a LoRA file, not a training checkpoint")
+        meta = json.loads(raw["shortcut_flow.checkpoint"])
+        names = [name for name, _ in self.adapters.named_parameters(STUDENT)]
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("student") != names:
+            raise SafetensorsFileError(f"training checkpoint {path!r} was written for a different LoRA layout "
+                                       f"(rank, target modules or model); start a new run or use the same settings")
+        for role in (STUDENT, EMA_SLOW, EMA_FAST):
+            for name, p in self.adapters.named_parameters(role):
+                saved = tensors[f"{role}/{name}"]
+                if saved.shape != p.shape:
+                    raise SafetensorsFileError(f"training checkpoint {path!r}: {role} {name} has shape "
+                                               f"{tuple(saved.shape)}, the run has {tuple(p.shape)}")
+                p.copy_(saved)
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, field = key.split("/", 2)
+                opt_state.setdefault(int(index), {})[field] = value
+        groups = [dict(g, params=list(range(len(names)))) for g in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.generator.set_state(tensors["rng"])
+        self.losses = [float(v) for v in tensors["losses"]]
+        self.step_count = int(meta["step"])
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Remove the adapters from the module (idempotent)."""
+        self.adapters.detach()
+
+    def __enter__(self) -> "ShortcutTrainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def lora_applied(module: nn.Module, lora: Mapping[str, LoraWeights], strength: float = 1.0):
+    """Run `module` with a LoRA for the duration of the block (e.g. to sample in the engine alone).
+
+    The LoRA is attached as the student adapter at `strength`; the module is restored on exit.
+    """
+    rank, alpha = uniform_rank_alpha(lora, "the LoRA")
+    adapters = ShortcutAdapters(module, rank=rank, alpha=alpha, target_modules=exact_module_pattern(lora))
+    try:
+        adapters.load_lora_state(STUDENT, lora)
+        adapters.set_strength(STUDENT, strength)
+        for p in adapters.parameters(STUDENT):
+            p.requires_grad_(False)
+        yield adapters
+    finally:
+        adapters.detach()

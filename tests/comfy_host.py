@@ -1,0 +1,94 @@
+"""Finding and starting a real ComfyUI checkout for host tests, and ComfyUI-built tiny models.
+
+Lookup order: $COMFYUI_PATH, then ../ComfyUI beside the project, then the ComfyUI tree the pack
+sits in (<ComfyUI>/custom_nodes/<pack>). ComfyUI runs in-process on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+_state: dict[str, object] = {}
+
+
+def _is_comfyui(path: Path) -> bool:
+    return (path / "comfy").is_dir() and (path / "nodes.py").is_file() and (path / "folder_paths.py").is_file()
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """(path, how it was found) or (None, why not)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser().resolve()
+        return (p, "COMFYUI_PATH") if _is_comfyui(p) else (None, f"COMFYUI_PATH={env} is not a ComfyUI checkout")
+    beside = PROJECT_ROOT.parent / "ComfyUI"
+    if _is_comfyui(beside):
+        return beside.resolve(), "../ComfyUI beside the project"
+    if PROJECT_ROOT.parent.name == "custom_nodes" and _is_comfyui(PROJECT_ROOT.parent.parent):
+        return PROJECT_ROOT.parent.parent.resolve(), "the ComfyUI tree the pack sits in"
+    return None, "no ComfyUI checkout: set COMFYUI_PATH or clone ComfyUI to ../ComfyUI"
+
+
+def start_comfyui() -> tuple[Path | None, str]:
+    """Import ComfyUI in-process on the CPU (once). Returns (path, '') or (None, why it cannot run)."""
+    if "result" in _state:
+        return _state["result"]  # type: ignore[return-value]
+    path, how = find_comfyui()
+    if path is None:
+        _state["result"] = (None, how)
+        return None, how
+    root = str(path)
+    if root in sys.path:
+        sys.path.remove(root)
+    # ComfyUI's `nodes` module must win over this project's `nodes/` package.
+    sys.path.insert(0, root)
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import comfy.model_management  # noqa: F401
+        import comfy.model_patcher  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import comfy.supported_models  # noqa: F401
+        import folder_paths  # noqa: F401
+        import nodes  # noqa: F401
+    except Exception as e:  # missing Python requirements of ComfyUI itself
+        result = (None, f"ComfyUI at {root} ({how}) cannot be imported here: {type(e).__name__}: {e}. "
+                        f"Install its requirements (see README, 'Host tests').")
+        _state["result"] = result
+        return result
+    if not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(root):
+        raise RuntimeError(f"`nodes` resolved to {sys.modules['nodes'].__file__}, not ComfyUI's; check sys.path")
+    _state["result"] = (path, "")
+    return path, ""
+
+
+TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=16, context_in_dim=32,
+                 hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12],
+                 theta=10000, qkv_bias=True, guidance_embed=True)
+
+
+def tiny_flux(seed: int = 0, std: float = 0.05, **overrides):
+    """A real ComfyUI Flux (same classes as production) small enough for a CPU test: (BaseModel, ModelPatcher)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(TINY_FLUX, **overrides)
+    mc = comfy.supported_models.Flux(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():  # get_model leaves torch.empty weights
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return model, patcher

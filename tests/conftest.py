@@ -1,0 +1,56 @@
+"""Shared fixtures. Host tests (marker `host`) run against a real ComfyUI checkout and skip,
+loudly counted at the end of the run, when none is usable. SHORTCUT_FLOW_REQUIRE_HOST=1 turns
+those skips into failures."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Appended, not prepended: `import shortcut_core` finds the project, while ComfyUI's root (put
+# first by comfy_host) keeps `nodes` meaning ComfyUI's nodes.py rather than this pack's nodes/.
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.append(str(PROJECT_ROOT))
+
+import comfy_host  # noqa: E402
+
+_host_skips: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """The ComfyUI root, imported in-process on the CPU; skips the test when there is none."""
+    path, why = comfy_host.start_comfyui()
+    if path is None:
+        if os.environ.get("SHORTCUT_FLOW_REQUIRE_HOST") == "1":
+            pytest.fail(f"host test needs ComfyUI: {why}")
+        pytest.skip(f"HOST TEST SKIPPED: {why}")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfyui" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.host)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "host" in report.keywords:
+        _host_skips.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    path, why = comfy_host.find_comfyui()
+    if _host_skips:
+        _, reason = comfy_host.start_comfyui() if path is not None else (None, why)
+        bar = "!" * 78
+        terminalreporter.write_line(bar, red=True, bold=True)
+        terminalreporter.write_line(f"!! {len(_host_skips)} HOST TESTS SKIPPED: {reason or why}", red=True, bold=True)
+        terminalreporter.write_line("!! Node and ComfyUI-integration behaviour was NOT tested in this run.", red=True, bold=True)
+        terminalreporter.write_line(bar, red=True, bold=True)
+    else:
+        terminalreporter.write_line(f"host tests: none skipped (ComfyUI: {path or 'not found'})", green=True)
