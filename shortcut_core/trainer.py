@@ -302,13 +302,19 @@ class ShortcutTrainer:
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("student") != names:
             raise SafetensorsFileError(f"training checkpoint {path!r} was written for a different LoRA layout "
                                        f"(rank, target modules or model); start a new run or use the same settings")
+        loads = []  # validate everything before changing anything: a refused checkpoint loads nothing
         for role in (STUDENT, EMA_SLOW, EMA_FAST):
             for name, p in self.adapters.named_parameters(role):
-                saved = tensors[f"{role}/{name}"]
-                if saved.shape != p.shape:
+                saved = tensors.get(f"{role}/{name}")
+                if saved is None or saved.shape != p.shape:
                     raise SafetensorsFileError(f"training checkpoint {path!r}: {role} {name} has shape "
-                                               f"{tuple(saved.shape)}, the run has {tuple(p.shape)}")
-                p.copy_(saved)
+                                               f"{None if saved is None else tuple(saved.shape)}, the run has "
+                                               f"{tuple(p.shape)}")
+                loads.append((p, saved))
+        if "rng" not in tensors or "losses" not in tensors:
+            raise SafetensorsFileError(f"training checkpoint {path!r} has no RNG state or loss history; it is incomplete")
+        for p, saved in loads:
+            p.copy_(saved)
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
