@@ -17,6 +17,21 @@ class SafetensorsFileError(ValueError):
     """A file could not be read or written; the message names the file and what to do."""
 
 
+def _file_mode(path: str) -> int:
+    """The mode the written file gets: the replaced file's, else what open() would give (mkstemp's is 0o600)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/status") as f:  # reads the umask without changing it (threads)
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                              metadata: Mapping[str, str] | None = None) -> None:
     from safetensors.torch import save_file
@@ -31,6 +46,7 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torc
     os.close(fd)
     try:
         save_file(payload, tmp, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, _file_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
