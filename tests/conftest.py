@@ -21,6 +21,17 @@ import comfy_host  # noqa: E402
 _host_skips: list[str] = []
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def comfyui():
     """The ComfyUI root, imported in-process on the CPU; skips the test when there is none."""

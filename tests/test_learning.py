@@ -60,13 +60,6 @@ def train_teacher(steps: int = 2000, batch: int = 512) -> VelocityMLP:
     return net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.slow
 def test_short_training_on_a_tiny_teacher_lowers_its_3_step_error():

@@ -18,14 +18,6 @@ from shortcut_core.trainer import NonFiniteLossError, ShortcutTrainer, TrainingD
 
 SHAPE = (2, 4, 4)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 DIM = 32
 
 
