@@ -17,7 +17,7 @@ import torch
 
 from shortcut_core import load_lora, lora_applied, save_lora
 
-from .demo import REFERENCE_STEPS, demo_config, distill
+from .demo import DISTILL_STEPS, REFERENCE_STEPS, demo_config, distill
 from .digits import frechet_distance, load_digits_images, load_or_pretrain_teacher, rmse_to, sample
 from .report import machine_line, markdown_table
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lora", type=Path, default=Path("outputs/demo/digits-shortcut.safetensors"))
     ap.add_argument("--retrain", action="store_true", help="distil a new LoRA (written to --lora)")
-    ap.add_argument("--steps", type=int, default=demo_config(1).steps if False else 2000)
+    ap.add_argument("--steps", type=int, default=DISTILL_STEPS, help="SCFM optimizer steps with --retrain")
     ap.add_argument("--samples", type=int, default=2000)
     args = ap.parse_args(argv)
 
