@@ -27,7 +27,7 @@ from torch import nn
 
 from shortcut_core import STUDENT, ShortcutConfig, ShortcutTrainer, interpolate
 
-from .digits import DigitsFlowNet, DigitsNetConfig
+from .digits import DigitsFlowNet, DigitsNetConfig, timestep_embedding
 from .report import machine_line, markdown_table
 
 
@@ -67,8 +67,6 @@ class SmallDiT(nn.Module):
         self.final = nn.Linear(width, channels * 4)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from .digits import timestep_embedding
-
         b, c, hgt, wid = x.shape
         tokens = x.unfold(2, 2, 2).unfold(3, 2, 2).permute(0, 2, 3, 1, 4, 5).reshape(b, (hgt // 2) * (wid // 2), c * 4)
         cond = self.time_in(timestep_embedding(t, 64))
@@ -125,6 +123,14 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _step_peak(fn: Callable[[], object], device: torch.device) -> int:
+    """Memory growth during one call of fn above the memory in use before it."""
+    before = _reset_peak(device)
+    fn()
+    _sync(device)
+    return max(0, _peak(device) - before)
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -137,6 +143,9 @@ def mib(n: float) -> str:
 def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConfig, device: torch.device,
           repeats: int) -> dict[str, object]:
     """Times (median of `repeats` interleaved runs; none when repeats == 0), peaks and state sizes."""
+    # On a CPU, freed blocks stay with glibc for reuse, so a step's peak would not show in the
+    # RSS high-water mark here: a child process with a fixed mmap threshold measures the peaks.
+    peaks_in_child = device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
     velocity = lambda x, t, **_: module(x, t)  # noqa: E731
     module.to(device)
     base_bytes = _bytes(module.parameters())
@@ -179,30 +188,24 @@ def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConf
                 times[k].append(_timed(fn, device))
         med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
 
-        peaks = {}
-        for k in ("plain LoRA FM step", "SCFM step"):
-            before = _reset_peak(device)
-            kinds[k]()
-            _sync(device)
-            peaks[k] = max(0, _peak(device) - before)
+        peak_kinds = ("plain LoRA FM step", "SCFM step")
+        peaks = {} if peaks_in_child else {k: _step_peak(kinds[k], device) for k in peak_kinds}
 
         student = _bytes(params)
         emas = _bytes(trainer.adapters.parameters("ema_slow")) + _bytes(trainer.adapters.parameters("ema_fast"))
         optim = _bytes(v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
 
-    if device.type == "cpu" and repeats and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    if peaks_in_child:
         peaks = _cpu_peaks_in_child(name)
     ideal = 1 + cfg.t_skip * med["forward"] / med["forward+backward"]
     measured = med["SCFM step"] / med["plain LoRA FM step"]
     return dict(name=name, med=med, ideal=ideal, measured=measured, peaks=peaks, base=base_bytes, student=student,
-                emas=emas, optim=optim, grads=student)
+                emas=emas, optim=optim)
 
 
 def _cpu_peaks_in_child(name: str) -> dict[str, int]:
-    """Peak RSS growth per step kind, measured in a child process whose glibc hands every large
-    block back to the kernel when freed (a fixed mmap threshold). In this process freed blocks
-    are kept for reuse, so a step's peak would not show in the RSS high-water mark; timing stays
-    here, where allocation runs at its usual speed."""
+    """Peak RSS growth per step kind, from a child whose glibc hands every large block back to the
+    kernel when freed. Timing stays in the parent, where allocation runs at its usual speed."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-m", "benchmarks.cost", "--peaks-of", name], env=env, check=True,
                          capture_output=True, text=True).stdout
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["model", "base MiB", "student LoRA MiB", "2 EMAs MiB", "AdamW state MiB", "extra state MiB",
                           "extra/base", f"peak {peak_kind} plain MiB", f"peak {peak_kind} SCFM MiB"], rows))
     print("\nextra state = student LoRA + slow and fast EMA adapters + AdamW moments (gradients add one student "
-          "size during backward). Peaks are the growth during one step above the memory in use before it (on a CPU: RSS, measured in a child process that returns freed blocks to the kernel).")
+          "size during backward). Peaks are the growth during one step above the memory in use before it\n"
+          "(on a CPU: RSS, measured in a child process that returns freed blocks to the kernel).")
 
 
 if __name__ == "__main__":

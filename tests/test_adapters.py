@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from torch import nn
 
 from shortcut_core.adapters import (BASE, EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraWeights, ShortcutAdapters,
                                     linear_module_names)
+
+from hashing import tensor_hashes
 
 LORA_ROLES = (STUDENT, EMA_SLOW, EMA_FAST)
 
@@ -37,14 +38,6 @@ def randomize(adapters: ShortcutAdapters, role: str, seed: int, scale: float = 0
     with torch.no_grad():
         for p in adapters.parameters(role):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-def tensor_hashes(module: nn.Module) -> dict[str, str]:
-    out = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        data = t.detach().cpu().contiguous()
-        out[name] = hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest() + str(t.dtype) + str(t.shape)
-    return out
 
 
 def structure(module: nn.Module):

@@ -8,8 +8,6 @@ samples afterwards as before.
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -17,14 +15,7 @@ from shortcut_core import ShortcutConfig, ShortcutTrainer, lora_applied
 from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT, TEACHER, ShortcutAdapters
 
 import comfy_host
-
-
-def _state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+from hashing import module_hash
 
 
 def _flux_velocity(model, context: torch.Tensor, pooled: torch.Tensor):
@@ -84,7 +75,7 @@ def test_adapters_inject_into_comfy_flux_and_teacher_is_the_base_exactly(flux):
 def test_training_on_comfy_flux_leaves_the_model_and_stock_sampling_unchanged(flux):
     model, patcher, context, pooled = flux
     net = model.diffusion_model
-    before_hash = _state_hash(net)
+    before_hash = module_hash(net)
     before_samples = _stock_sample(patcher, context, pooled)
     latents = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(5))
     cfg = ShortcutConfig(rank=4, alpha=4, batch_size=2, steps=3, learning_rate=1e-3, checkpoint_every=0,
@@ -115,7 +106,7 @@ def test_training_on_comfy_flux_leaves_the_model_and_stock_sampling_unchanged(fl
     moved = [w for w in result.lora.values() if w.up.abs().sum() > 0]
     assert moved, "the student LoRA did not train"
 
-    assert _state_hash(net) == before_hash
+    assert module_hash(net) == before_hash
     assert not any(hasattr(m, "lora_A") for m in net.modules())
     assert torch.equal(_stock_sample(patcher, context, pooled), before_samples)
 
@@ -126,4 +117,4 @@ def test_training_on_comfy_flux_leaves_the_model_and_stock_sampling_unchanged(fl
     with torch.no_grad():
         base = inner(x, torch.tensor([0.5]))
     assert not torch.equal(shortcut, base)
-    assert _state_hash(net) == before_hash
+    assert module_hash(net) == before_hash

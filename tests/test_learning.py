@@ -60,7 +60,6 @@ def train_teacher(steps: int = 2000, batch: int = 512) -> VelocityMLP:
     return net
 
 
-
 @pytest.mark.slow
 def test_short_training_on_a_tiny_teacher_lowers_its_3_step_error():
     net = train_teacher()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 
 import pytest
@@ -15,6 +14,8 @@ from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraWei
 from shortcut_core.config import ShortcutConfig
 from shortcut_core.safetensors_io import SafetensorsFileError
 from shortcut_core.trainer import NonFiniteLossError, ShortcutTrainer, TrainingDataError, lora_applied
+
+from hashing import module_hash
 
 SHAPE = (2, 4, 4)
 
@@ -72,14 +73,6 @@ def cfg(**changes) -> ShortcutConfig:
                 ema_slow_decay=0.9, ema_fast_decay=0.5)
     base.update(changes)
     return ShortcutConfig(**base)
-
-
-def module_hash(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def module_layout(module: nn.Module):
