@@ -80,7 +80,9 @@ class ShortcutAdapters:
             raise ValueError("the module already holds peft LoRA layers; detach the previous ShortcutAdapters first")
         self.module = module
         self.dtype = dtype
-        self._requires_grad = {p: p.requires_grad for p in module.parameters()}
+        # Tensors made under torch.inference_mode (ComfyUI loads models that way) take no part in
+        # autograd and refuse requires_grad changes outside it: leave their flags alone.
+        self._requires_grad = {p: p.requires_grad for p in module.parameters() if not p.is_inference()}
         self._had_peft_config = "peft_config" in module.__dict__
         self._peft_config_before = module.__dict__.get("peft_config")
         self._attached = False
@@ -122,7 +124,7 @@ class ShortcutAdapters:
             self._init_weights(generator)
             if self.has_teacher:
                 self.load_lora_state(TEACHER, teacher)
-            for p in module.parameters():
+            for p in self._requires_grad:
                 p.requires_grad_(False)
             for p in self.parameters(STUDENT):
                 p.requires_grad_(True)

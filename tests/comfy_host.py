@@ -92,3 +92,56 @@ def tiny_flux(seed: int = 0, std: float = 0.05, **overrides):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return model, patcher
+
+
+def load_builtin_nodes() -> None:
+    """Register ComfyUI's built-in extra nodes (comfy_extras: SamplerCustomAdvanced, SaveLoRA, ...) once."""
+    if _state.get("builtins"):
+        return
+    import asyncio
+    import logging
+
+    import nodes
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # optional extras (audio, kornia) log their missing packages
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    finally:
+        logging.getLogger().setLevel(level)
+    _state["builtins"] = True
+
+
+def load_pack():
+    """Load this project through ComfyUI's own custom-node loader, as an installed pack: the module.
+
+    The project is linked into a temporary custom_nodes folder as `shortcut-flow` (a clone's usual
+    name), so the loader sees what a user's install looks like whatever this checkout is called.
+    """
+    if "pack" in _state:
+        return _state["pack"]
+    import asyncio
+    import tempfile
+
+    import nodes
+
+    custom_nodes = Path(tempfile.mkdtemp(prefix="shortcut-flow-host-")) / "custom_nodes"
+    custom_nodes.mkdir()
+    link = custom_nodes / "shortcut-flow"
+    link.symlink_to(PROJECT_ROOT, target_is_directory=True)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(str(link)))
+    if not ok:
+        raise RuntimeError(f"ComfyUI's custom-node loader refused {link}; see the log above")
+    module = sys.modules[str(link).replace(".", "_x_")]
+    _state["pack"] = module
+    _state["pack_nodes"] = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+    return module
+
+
+def pack_module(name: str):
+    """A submodule of the loaded pack, e.g. pack_module('nodes.host')."""
+    import importlib
+
+    pack = load_pack()
+    return importlib.import_module(f"{pack.__name__}.{name}")

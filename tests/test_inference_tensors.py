@@ -1,0 +1,88 @@
+"""Training through a model built under torch.inference_mode, as ComfyUI builds every model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from shortcut_core.config import ShortcutConfig
+from shortcut_core.inference_tensors import InferenceTensorCopies
+from shortcut_core.trainer import ShortcutTrainer
+
+from hashing import module_hash
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.hidden, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+        self.norm = nn.LayerNorm(16)  # affine weights: saved for the input's gradient too
+
+    def forward(self, x, t, **_):
+        h = torch.nn.functional.silu(self.inp(x) + t[:, None])
+        return self.out(self.norm(torch.nn.functional.silu(self.hidden(h))))
+
+
+def _inference_net() -> Net:
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        net = Net()
+    assert all(p.is_inference() for p in net.parameters())
+    return net
+
+
+def _config() -> ShortcutConfig:
+    return ShortcutConfig(rank=2, alpha=2, batch_size=4, steps=3, learning_rate=1e-2, checkpoint_every=0,
+                          guidance_range=None, gradient_checkpointing=False, resolution_shift_prob=0.0)
+
+
+def test_plain_autograd_refuses_inference_weights():
+    net = _inference_net()
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        net(x, torch.zeros(2)).sum().backward()
+
+
+def test_trainer_learns_through_inference_weights_and_restores_them():
+    net = _inference_net()
+    originals = {name: p for name, p in net.named_parameters()}
+    before = module_hash(net)
+    latents = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with ShortcutTrainer(net, lambda x, t, **e: net(x, t), latents, _config()) as trainer:
+        result = trainer.train(progress=False)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(w.up.abs().sum() > 0 for w in result.lora.values()), "the student did not learn"
+    # the very same inference tensors are back in place, unchanged, and no hook is left behind
+    assert {name: p for name, p in net.named_parameters()} == originals
+    assert all(p.is_inference() for p in net.parameters())
+    assert module_hash(net) == before
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_copies_are_made_only_with_grad_and_put_back_after_errors():
+    net = _inference_net()
+    weight = net.hidden.weight
+    seen = []
+    hooks = InferenceTensorCopies(net)
+    net.hidden.register_forward_pre_hook(lambda m, a: seen.append(m.weight is weight))  # runs after ours
+    try:
+        assert hooks.owners == 4  # inp, hidden, out, norm
+        with torch.no_grad():
+            net(torch.randn(2, 8), torch.zeros(2))
+        x = torch.randn(2, 8, requires_grad=True)
+        net(x, torch.zeros(2)).sum().backward()  # works: autograd saved copies
+        assert x.grad is not None
+        seen_after_grad = list(seen)
+
+        def boom(module, args, output):
+            raise RuntimeError("boom")
+        handle = net.hidden.register_forward_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            net(torch.randn(2, 8, requires_grad=True), torch.zeros(2))
+        handle.remove()
+        assert net.hidden.weight is weight  # put back although the forward raised
+    finally:
+        hooks.remove()
+    # the forward saw the original under no_grad and a copy with grad
+    assert seen_after_grad == [True, False]
