@@ -1,5 +1,19 @@
-"""The pack's ComfyUI nodes (ShortcutSampler, ShortcutLoRALoader, TrainShortcut arrive with the
-node-pack issue). Only this package and its host adapter import ComfyUI."""
+"""The pack's nodes: thin classes over shortcut_core, reaching ComfyUI through the host adapter (host.py, host_lora.py)."""
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .lora_loader import ShortcutLoRALoader
+from .sampler import ShortcutSampler, ShortcutScheduler
+from .train import TrainShortcut
+
+NODE_CLASS_MAPPINGS = {
+    "ShortcutSampler": ShortcutSampler,
+    "ShortcutScheduler": ShortcutScheduler,
+    "ShortcutLoRALoader": ShortcutLoRALoader,
+    "TrainShortcut": TrainShortcut,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ShortcutSampler": "Shortcut Sampler",
+    "ShortcutScheduler": "Shortcut Scheduler",
+    "ShortcutLoRALoader": "Shortcut LoRA Loader",
+    "TrainShortcut": "Train Shortcut (SCFM)",
+}

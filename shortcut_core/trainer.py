@@ -229,12 +229,14 @@ class ShortcutTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, steps: int | None = None, *, callback: Callable[[StepReport], None] | None = None,
-              checkpoint_path: str | None = None, progress: bool = True) -> TrainResult:
+              checkpoint_path: str | None = None, on_checkpoint: Callable[[], None] | None = None,
+              progress: bool = True) -> TrainResult:
         """Train until `steps` optimizer steps are done in total (default config.steps).
 
         `callback(report)` runs after every step; raising from it interrupts training. On an
         interrupt the state after the last completed step is checkpointed (when checkpoint_path
         is set) and the exception propagates. A non-finite loss stops training without writing.
+        `on_checkpoint()` runs after every checkpoint written (e.g. to write the LoRA file beside it).
         """
         goal = self.config.steps if steps is None else steps
         bar = tqdm(total=goal, initial=self.step_count, disable=not progress, desc="SCFM training")
@@ -245,20 +247,25 @@ class ShortcutTrainer:
                 bar.set_postfix(loss=f"{report.loss:.4g}")
                 every = self.config.checkpoint_every
                 if checkpoint_path and every and self.step_count % every == 0 and self.step_count < goal:
-                    self.save_checkpoint(checkpoint_path)
+                    self._checkpoint(checkpoint_path, on_checkpoint)
                 if callback is not None:
                     callback(report)
         except NonFiniteLossError:
             raise
         except BaseException:
             if checkpoint_path and self._consistent and self.step_count > 0:
-                self.save_checkpoint(checkpoint_path)
+                self._checkpoint(checkpoint_path, on_checkpoint)
             raise
         finally:
             bar.close()
         if checkpoint_path:
-            self.save_checkpoint(checkpoint_path)
+            self._checkpoint(checkpoint_path, on_checkpoint)
         return self.result()
+
+    def _checkpoint(self, path: str, on_checkpoint: Callable[[], None] | None) -> None:
+        self.save_checkpoint(path)
+        if on_checkpoint is not None:
+            on_checkpoint()
 
     def result(self) -> TrainResult:
         return TrainResult(lora=self.adapters.lora_state(STUDENT), ema_slow=self.adapters.lora_state(EMA_SLOW),

@@ -1,0 +1,319 @@
+"""The host adapter: what the engine needs from ComfyUI, through ComfyUI's own plumbing.
+
+With host_lora.py (LoRA keys and files) this is the one place that knows ComfyUI. It turns a
+MODEL (ModelPatcher) plus CONDITIONING into the engine's velocity callable `v = f(x, t, ...)`
+for any model whose model_sampling is flow (CONST): Flux dev/schnell/Kontext, SD3/3.5, Chroma,
+... The host's CFGGuider loads the model, encodes the conditioning for it (pooled vectors, Flux
+guidance, reference latents) and sets up model patches; its `sampling_function` gives the
+denoised estimate x - t * v exactly as its own samplers see it, true CFG included, and the
+velocity is read back from it in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from ..shortcut_core.config import ShortcutConfig
+from ..shortcut_core.sampling import sample_euler
+from ..shortcut_core.schedules import packed_token_count, resolution_shift, shifted_schedule
+from ..shortcut_core.trainer import ShortcutTrainer, StepReport, TrainResult
+
+log = logging.getLogger("shortcut-flow")
+
+
+class HostInputError(ValueError):
+    """A node input the pack cannot use; the message names the input and says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- models
+def require_flow_model(model, input_name: str = "model") -> None:
+    """Refuse models that do not predict a flow velocity (SD1.5, SDXL: eps / v-prediction)."""
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        kind = type(sampling).__mro__[1].__name__ if type(sampling).__mro__[1:] else type(sampling).__name__
+        raise HostInputError(
+            f"{input_name}: {type(model.model).__name__} is not a flow-matching model (its sampling is {kind}, "
+            f"not flow/CONST). Shortcut LoRAs work on flow models: Flux, SD3/3.5, Chroma, Lumina, Qwen-Image, ...")
+
+
+def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The network's transformer blocks (Flux: double + single blocks, MMDiT: joint blocks), for
+    gradient checkpointing: the members of its top-level ModuleLists."""
+    blocks: list[torch.nn.Module] = []
+    for child in network.children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks.extend(child)
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def shortcut_sigmas(steps: int, shift: float, *, denoise: float = 1.0, use_resolution_shift: bool = False,
+                    latent_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The SCFM schedule as SIGMAS; denoise < 1 keeps the last steps of a longer schedule, as KSampler does."""
+    if use_resolution_shift:
+        if latent_shape is None:
+            raise HostInputError("resolution_shift: needs the latent's size")
+        shift = resolution_shift(packed_token_count(tuple(latent_shape)[-3:]))
+    if denoise <= 0.0:
+        return torch.zeros(0)
+    total = max(steps, int(steps / denoise))
+    return shifted_schedule(total, float(shift))[-(steps + 1):]
+
+
+def shortcut_euler(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None, disable=None):
+    """A KSAMPLER function: the engine's Euler over the host's denoiser (v = (x - denoised) / sigma).
+
+    Given the same sigmas this is the host's own "euler" sampler step for step.
+    """
+    def velocity(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
+        denoised = model(x, t, **extra)
+        return (x - denoised) / t.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def step_callback(state: dict) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if callback is not None:
+            callback(state)
+
+    return sample_euler(velocity, x, sigmas, extra_args, step_callback, disable)
+
+
+def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuider:
+    """The host's CFG guider; without a negative it runs the positive alone (cfg must then be 1)."""
+    if negative is None and not math.isclose(cfg, 1.0):
+        raise HostInputError(f"cfg: is {cfg} but no negative conditioning is connected; connect one for true CFG "
+                             f"or set cfg to 1.0 (Flux dev uses its distilled guidance instead)")
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": positive} if negative is None else {"positive": positive, "negative": negative})
+    guider.set_cfg(cfg)
+    return guider
+
+
+def sample(model, positive, negative, latent: dict, *, seed: int, sigmas: torch.Tensor, cfg: float = 1.0) -> dict:
+    """Sample a LATENT with the shortcut Euler sampler on the given sigmas; progress, previews and
+    interruption as KSampler (common_ksampler) does them."""
+    require_flow_model(model)
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    guider = make_guider(model, positive, negative, cfg)
+    steps = max(len(sigmas) - 1, 0)
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = guider.sample(noise, latent_image, comfy.samplers.KSAMPLER(shortcut_euler), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- training
+_UNTRAINABLE_COND_KEYS = ("area", "mask", "control", "gligen", "hooks", "timestep_start", "timestep_end")
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
+
+
+class ConditionedVelocity:
+    """v = f(x, t, item=..., guidance=...) for a ComfyUI flow model with per-item conditioning.
+
+    `conds` are the guider's encoded conditioning lists: one entry per training latent, or one
+    shared entry. Each call batches the entries of `item` with the host's own COND concatenation
+    (cross-attention lengths padded as the host pads them) and runs the host's sampling_function.
+    A per-item `guidance` replaces the conditioning's Flux guidance (the trainer's draw).
+    """
+
+    def __init__(self, model, conds: dict[str, list[dict]], count: int, cfg: float, model_options: dict,
+                 seed: int | None, input_name: str = "positive"):
+        self.model, self.cfg, self.model_options, self.seed = model, float(cfg), model_options, seed
+        self.positive = self._per_item(conds["positive"], count, input_name)
+        negative = conds.get("negative")
+        self.negative = self._per_item(negative, count, "negative") if negative is not None else None
+        self.takes_guidance = "guidance" in self.positive[0]["model_conds"]
+
+    @staticmethod
+    def _per_item(entries: list[dict], count: int, input_name: str) -> list[dict]:
+        if len(entries) not in (1, count):
+            raise HostInputError(f"{input_name}: has {len(entries)} conditionings for {count} latents; give one per "
+                                 f"latent (in the same order) or a single one for all")
+        for entry in entries:
+            used = [k for k in _UNTRAINABLE_COND_KEYS if k in entry]
+            if used:
+                raise HostInputError(f"{input_name}: conditioning with {', '.join(used)} cannot be trained on; give "
+                                     f"plain text conditioning (CLIPTextEncode, FluxGuidance, ReferenceLatent)")
+            for key, cond in entry["model_conds"].items():
+                tensors = cond.cond if isinstance(cond.cond, list) else [cond.cond]
+                if any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != 1 for t in tensors):
+                    raise HostInputError(f"{input_name}: a conditioning's {key!r} holds a batch of "
+                                         f"{tensors[0].shape[0]}; give one conditioning per latent as a list instead")
+        return entries if len(entries) == count else entries * count
+
+    def _batched(self, entries: list[dict], item: torch.Tensor, guidance: torch.Tensor | None, device) -> list[dict]:
+        chosen = [entries[i] for i in item.tolist()]
+        model_conds = {}
+        for key, first in chosen[0]["model_conds"].items():
+            # concat makes new tensors outside inference mode: autograd may save them
+            model_conds[key] = first._copy_with(_to_device(first.concat([c["model_conds"][key] for c in chosen[1:]]), device))
+        if guidance is not None and "guidance" in model_conds:
+            model_conds["guidance"] = model_conds["guidance"]._copy_with(guidance.to(device, torch.float32))
+        return [{"model_conds": model_conds, "uuid": chosen[0].get("uuid")}]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, item: torch.Tensor, guidance: torch.Tensor | None = None,
+                 **_: Any) -> torch.Tensor:
+        cond = self._batched(self.positive, item, guidance, x.device)
+        uncond = self._batched(self.negative, item, guidance, x.device) if self.negative is not None else None
+        denoised = comfy.samplers.sampling_function(self.model, x, t, uncond, cond, self.cfg,
+                                                    model_options=self.model_options, seed=self.seed)
+        return (x - denoised) / t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@dataclass
+class TrainingRun:
+    """What TrainShortcut asks of the host, apart from the model and conditioning."""
+    config: ShortcutConfig
+    cfg: float = 1.0
+    init_lora: dict | None = None
+    resume_state: str | None = None       # a trainer checkpoint to continue from exactly
+    checkpoint_path: str | None = None
+    on_step: Callable[[StepReport], None] | None = None
+    on_checkpoint: Callable[[ShortcutTrainer], None] | None = None
+
+
+class _TrainingSampler(comfy.samplers.Sampler):
+    """Runs the SCFM loop where a sampler would run: the host's guider has loaded the model,
+    processed the latents into the model's space and encoded the conditioning for them."""
+
+    def __init__(self, run: TrainingRun):
+        self.run = run
+        self.result: TrainResult | None = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        run, base = self.run, model_wrap.inner_model
+        latents = latent_image.detach().clone().float()
+        count = latents.shape[0]
+        config = run.config
+        velocity = ConditionedVelocity(base, model_wrap.conds, count, run.cfg, extra_args["model_options"],
+                                       extra_args.get("seed"))
+        if config.guidance_range is not None and not velocity.takes_guidance:
+            config = config.replace(guidance_range=None)  # no distilled guidance input (schnell, SD3.5): nothing to draw
+        network = base.diffusion_model
+        with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
+                             init_lora=run.init_lora, blocks=repeated_blocks(network),
+                             device=latents.device) as trainer:
+            if run.resume_state:
+                trainer.load_checkpoint(run.resume_state)
+            on_checkpoint = None if run.on_checkpoint is None else (lambda: run.on_checkpoint(trainer))
+            self.result = trainer.train(callback=run.on_step, checkpoint_path=run.checkpoint_path,
+                                        on_checkpoint=on_checkpoint, progress=comfy.utils.PROGRESS_BAR_ENABLED)
+        return torch.zeros_like(latent_image)
+
+
+def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> TrainResult:
+    """SCFM on a ComfyUI model inside the graph. The shared network is used in place and left
+    exactly as it was (adapters removed, weights untouched), also on errors and interrupts."""
+    require_flow_model(model)
+    if latents.dim() < 3 or latents.shape[0] == 0:
+        raise HostInputError(f"latents: expected a batch of latents, got shape {tuple(latents.shape)}")
+    guider = make_guider(model, positive, negative, run.cfg)
+    sampler = _TrainingSampler(run)
+    with torch.inference_mode(False):
+        latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
+        # The guider needs sigmas to run at all; the trainer draws its own times.
+        guider.sample(torch.zeros_like(latents), latents, sampler, torch.tensor([1.0, 0.0]), seed=run.config.seed,
+                      disable_pbar=True)
+    assert sampler.result is not None
+    return sampler.result
+
+
+class Progress:
+    """The host's progress bar, the live loss as node text, and the UI's Cancel button."""
+
+    def __init__(self, total: int, node_id: str | None = None, start: int = 0):
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.bar.update_absolute(start, total)
+        self.node_id = node_id
+
+    def __call__(self, report: StepReport) -> None:
+        self.bar.update_absolute(report.step, report.total)
+        self._text(f"step {report.step}/{report.total}  loss {report.loss:.4g}")
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def _text(self, text: str) -> None:
+        if self.node_id is None:
+            return
+        try:
+            from server import PromptServer
+            server = PromptServer.instance
+        except (ImportError, AttributeError):
+            return  # no server (a script or a test): the tqdm bar shows the loss
+        server.send_progress_text(text, self.node_id)
+
+
+# ---------------------------------------------------------------------------------------------- files
+TRAIN_STATE_SUFFIX = ".train_state"  # beside the LoRA; not a LoRA extension, so no LoRA list shows it
+_SAVE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
+
+
+def lora_names() -> list[str]:
+    import folder_paths
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str, input_name: str = "lora_name") -> str:
+    import folder_paths
+    if name not in folder_paths.get_filename_list("loras"):
+        raise HostInputError(f"{input_name}: {name!r} is not in models/loras; pick a file from the list "
+                             f"(refresh the browser page after copying new files)")
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def output_paths(save_name: str, input_name: str = "save_name") -> tuple[str, str]:
+    """(LoRA file, training state) for a save name, always inside the first models/loras folder."""
+    import os
+
+    import folder_paths
+    name = save_name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if (not name or name.startswith(".") or ".." in name or not set(name) <= _SAVE_NAME_CHARS):
+        raise HostInputError(f"{input_name}: {save_name!r} is not a plain file name; use letters, digits, spaces, "
+                             f"'_', '-' and '.', without folders or '..' (files are written to models/loras)")
+    folder = folder_paths.get_folder_paths("loras")[0]
+    path = os.path.join(folder, name + ".safetensors")
+    if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+        raise HostInputError(f"{input_name}: {save_name!r} would leave models/loras")
+    return path, os.path.join(folder, name + TRAIN_STATE_SUFFIX)
+
+
+def with_lora(model, lora_model: dict, strength: float = 1.0):
+    """A clone of the MODEL with a LORA_MODEL applied as weight patches, as the stock LoraModelLoader does."""
+    import comfy.sd
+    return comfy.sd.load_lora_for_models(model, None, lora_model, strength, 0)[0]
+
+
+def free_output_paths(save_name: str, keep: str | None = None) -> tuple[str, str]:
+    """output_paths, with _2, _3, ... appended while the LoRA file exists (unless it is `keep`,
+    the file being resumed): a new run never overwrites a user's file."""
+    import os
+    lora, state = output_paths(save_name)
+    stem, n = lora[: -len(".safetensors")], 1
+    while os.path.exists(lora) and (keep is None or os.path.abspath(lora) != os.path.abspath(keep)):
+        n += 1
+        lora, state = f"{stem}_{n}.safetensors", f"{stem}_{n}{TRAIN_STATE_SUFFIX}"
+    return lora, state

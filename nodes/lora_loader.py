@@ -1,0 +1,53 @@
+"""ShortcutLoRALoader: a shortcut LoRA from models/loras onto the loaded model, with its sampling recipe."""
+
+from __future__ import annotations
+
+import logging
+
+from . import host, host_lora
+
+log = logging.getLogger("shortcut-flow")
+
+# What a LoRA without our metadata (e.g. the authors' released files) is sampled with: the paper's defaults.
+PAPER_STEPS, PAPER_SHIFT, PAPER_STRENGTH = 3, 3.25, 1.0
+
+
+class ShortcutLoRALoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The flow-matching model the LoRA was made for (Flux, SD3.5, ...)."}),
+                "lora_name": (host.lora_names(), {"tooltip": "A shortcut LoRA in models/loras: the authors' diffusers "
+                                                             "files, this pack's files, kohya or ComfyUI-style files."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.01,
+                                       "tooltip": "LoRA strength. 1.0-1.75 is usual; fewer steps want more "
+                                                  "(the authors' UI uses 1.6)."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "INT", "FLOAT", "FLOAT")
+    RETURN_NAMES = ("model", "steps", "shift", "recommended_strength")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied (the input model is unchanged).",
+                       "Steps the LoRA was trained for (3 when the file does not say).",
+                       "Schedule shift the LoRA recommends (3.25 when the file does not say).",
+                       "Strength the LoRA recommends (1.0 when the file does not say).")
+    FUNCTION = "load"
+    CATEGORY = "loaders"
+    DESCRIPTION = ("Loads a shortcut LoRA onto the model through ComfyUI's own key mapping, reports file keys "
+                   "that matched nothing, and outputs the sampling recipe stored in the file.")
+
+    def load(self, model, lora_name, strength):
+        host.require_flow_model(model)
+        patched, report = host_lora.load_lora_onto(model, host.lora_path(lora_name), strength)
+        meta = report.metadata
+        steps = meta.steps if meta.steps is not None else PAPER_STEPS
+        shift = meta.shift if meta.shift is not None else PAPER_SHIFT
+        recommended = meta.strength if meta.strength is not None else PAPER_STRENGTH
+        text = (f"{lora_name}: {report.patched_weights} weights patched from {report.matched_keys} keys; "
+                f"{len(report.unmatched_keys)} keys matched nothing"
+                + (f" ({', '.join(report.unmatched_keys[:5])}{', ...' if len(report.unmatched_keys) > 5 else ''})"
+                   if report.unmatched_keys else "")
+                + f". Recipe: {steps} steps, shift {shift:g}, strength {recommended:g}.")
+        log.info(text)
+        return {"ui": {"text": [text]}, "result": (patched, steps, float(shift), float(recommended))}

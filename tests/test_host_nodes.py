@@ -1,0 +1,172 @@
+"""The pack's nodes on a real ComfyUI (0.3.64 here) with a tiny Flux built from ComfyUI's own classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_host
+from hashing import module_hash
+
+TOOLTIP_EXEMPT = {"hidden"}
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui):
+    comfy_host.load_builtin_nodes()
+    return comfy_host.load_pack()
+
+
+@pytest.fixture()
+def flux(pack):
+    with torch.inference_mode():  # as ComfyUI's executor builds every model
+        model, patcher = comfy_host.tiny_flux(seed=1)
+    g = torch.Generator().manual_seed(7)
+    context, pooled = torch.randn(1, 6, 32, generator=g), torch.randn(1, 16, generator=g)
+    positive = [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[torch.zeros_like(context), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    return patcher, positive, negative
+
+
+def node(name):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[name]()
+
+
+def test_the_pack_registers_its_nodes_through_the_host_loader_with_tooltips_on_every_input(pack):
+    import nodes
+    assert set(comfy_host._state["pack_nodes"]) == {"ShortcutSampler", "ShortcutScheduler", "ShortcutLoRALoader",
+                                                   "TrainShortcut"}
+    for name in comfy_host._state["pack_nodes"]:
+        cls = nodes.NODE_CLASS_MAPPINGS[name]
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for input_name, (kind, *options) in spec.get(section, {}).items():
+                assert options and options[0].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES), name
+        assert name in nodes.NODE_DISPLAY_NAME_MAPPINGS
+
+
+def test_scheduler_gives_the_scfm_schedule(pack):
+    from shortcut_core import shifted_schedule, resolution_shift
+    (sigmas,) = node("ShortcutScheduler").get_sigmas(3, 3.25, 1.0, False, 1024, 1024)
+    assert torch.equal(sigmas, shifted_schedule(3, 3.25))
+    (partial,) = node("ShortcutScheduler").get_sigmas(3, 3.25, 0.5, False, 1024, 1024)
+    assert torch.equal(partial, shifted_schedule(6, 3.25)[-4:])
+    (by_size,) = node("ShortcutScheduler").get_sigmas(4, 3.25, 1.0, True, 1024, 1024)
+    assert torch.equal(by_size, shifted_schedule(4, resolution_shift(64 * 64)))
+
+
+def _stock_euler(patcher, positive, negative, latent, seed, sigmas, cfg):
+    import comfy.sample
+    import comfy.samplers
+    noise = comfy.sample.prepare_noise(latent["samples"], seed)
+    return comfy.sample.sample_custom(patcher, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                      negative, latent["samples"], disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_shortcut_sampler_equals_the_stock_euler_sampler_given_the_same_sigmas(flux, cfg):
+    patcher, positive, negative = flux
+    latent = {"samples": torch.zeros(2, 16, 8, 8)}
+    (ours,) = node("ShortcutSampler").sample(patcher, positive, latent, 11, 3, 3.25, False, cfg, 1.0,
+                                              negative=negative if cfg != 1.0 else None)
+    (sigmas,) = node("ShortcutScheduler").get_sigmas(3, 3.25, 1.0, False, 64, 64)
+    stock = _stock_euler(patcher, positive, negative, latent, 11, sigmas, cfg)
+    assert ours["samples"].shape == (2, 16, 8, 8)
+    assert torch.equal(ours["samples"], stock)
+
+
+def test_sampler_reports_progress_and_stops_on_the_ui_cancel(flux):
+    import comfy.model_management
+    import comfy.utils
+    patcher, positive, _ = flux
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    calls = []
+    before = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
+    try:
+        node("ShortcutSampler").sample(patcher, positive, latent, 0, 4, 3.25, False, 1.0, 1.0)
+        assert calls[-1] == (4, 4) and len(calls) == 4
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            node("ShortcutSampler").sample(patcher, positive, latent, 0, 4, 3.25, False, 1.0, 1.0)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(before)
+
+
+def test_cfg_without_a_negative_is_a_clear_error(flux):
+    patcher, positive, _ = flux
+    with pytest.raises(ValueError, match="cfg.*negative"):
+        node("ShortcutSampler").sample(patcher, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 3, 3.25, False,
+                                       2.0, 1.0)
+
+
+def test_non_flow_models_are_refused_by_every_node(flux):
+    import nodes
+    patcher, positive, _ = flux
+    # the host's own ModelSamplingDiscrete node turns the model into an eps-prediction model
+    (eps_model,) = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(patcher, "eps", False)
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    with pytest.raises(ValueError, match="model: .*not a flow-matching model"):
+        node("ShortcutSampler").sample(eps_model, positive, latent, 0, 3, 3.25, False, 1.0, 1.0)
+    with pytest.raises(ValueError, match="not a flow-matching model"):
+        train_node(eps_model, positive, latent, steps=1)
+
+
+def train_node(model, positive, latent, **overrides):
+    """TrainShortcut with tiny-model settings; every other input at its default."""
+    cls = type(node("TrainShortcut"))
+    spec = cls.INPUT_TYPES()
+    values = {name: options[0]["default"] for name, (kind, *options) in spec["required"].items()
+              if options and "default" in options[0]}
+    values.update(resume_lora="(none)", rank=4, alpha=4.0, batch_size=2, learning_rate=1e-3, steps=3,
+                  checkpoint_every=2, save_name="test_shortcut")
+    values.update(overrides)
+    return cls().train(model=model, latents=latent, positive=positive, **values)
+
+
+@pytest.fixture()
+def lora_dir(tmp_path):
+    import folder_paths
+    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved["loras"][1])
+    try:
+        yield folder
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved)
+
+
+def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untouched(flux, lora_dir):
+    import nodes
+    from shortcut_core import load_lora
+    patcher, positive, _ = flux
+    other = patcher.clone()  # another node's MODEL sharing the same network
+    net = patcher.model.diffusion_model
+    before = module_hash(net)
+    latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    model, lora, loss, plot, steps = train_node(patcher, positive, latents)
+    assert steps == 3 and len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
+    assert any(k.endswith(".lora_up.weight") for k in lora) and all(k.startswith("diffusion_model.") for k in lora)
+    # the shared network: same weights, no adapters, no hooks; other clones carry no patches
+    assert module_hash(net) == before
+    assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    assert not other.patches and not patcher.patches and model.patches
+    # files in models/loras: the LoRA with its recipe and the training state beside it
+    written = load_lora(lora_dir / "test_shortcut.safetensors")
+    assert written.metadata.steps == 3 and written.metadata.config["trained_steps"] == 3
+    assert (lora_dir / "test_shortcut.train_state").is_file()
+    # the stock LoraModelLoader applies the LORA_MODEL as TrainShortcut's own MODEL output does
+    (stock,) = nodes.NODE_CLASS_MAPPINGS["LoraModelLoader"]().load_lora_model(patcher, lora, 1.0)
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    (a,) = node("ShortcutSampler").sample(model, positive, latent, 5, 3, 3.25, False, 1.0, 1.0)
+    (b,) = node("ShortcutSampler").sample(stock, positive, latent, 5, 3, 3.25, False, 1.0, 1.0)
+    (base,) = node("ShortcutSampler").sample(other, positive, latent, 5, 3, 3.25, False, 1.0, 1.0)
+    assert torch.allclose(a["samples"], b["samples"], atol=1e-6)
+    assert not torch.allclose(a["samples"], base["samples"])
+    assert module_hash(net) == before
