@@ -124,8 +124,9 @@ class ShortcutAdapters:
             self._init_weights(generator)
             if self.has_teacher:
                 self.load_lora_state(TEACHER, teacher)
-            for p in self._requires_grad:
-                p.requires_grad_(False)
+            for p in module.parameters():  # base weights and every adapter; the student is switched back on below
+                if not p.is_inference():
+                    p.requires_grad_(False)
             for p in self.parameters(STUDENT):
                 p.requires_grad_(True)
             self._active = STUDENT
