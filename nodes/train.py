@@ -41,8 +41,9 @@ class TrainShortcut:
                 "learning_rate": _float(_D.learning_rate, "AdamW learning rate (constant).", 1e-8, 1.0, 1e-6),
                 "rank": _int(_D.rank, "LoRA rank, on every linear layer.", 1, 1024),
                 "alpha": _float(_D.alpha, "LoRA alpha; scale = alpha / rank.", 0.01, 4096.0, 1.0),
-                "seed": ("INT", {"default": _D.seed, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                                 "tooltip": "Seeds the LoRA init and every draw: a run is reproducible."}),
+                "seed": ("INT", {"default": _D.seed, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False,
+                                 "tooltip": "Seeds the LoRA init and every draw: a run is reproducible (and "
+                                            "not re-trained on every queue)."}),
                 "save_name": ("STRING", {"default": "shortcut_lora", "tooltip": "File name in models/loras for the "
                                          "LoRA (with metadata) and its training state; _2, _3, ... is appended "
                                          "rather than overwrite a file."}),

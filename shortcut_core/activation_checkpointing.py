@@ -1,11 +1,13 @@
-"""Gradient (activation) checkpointing for a model's blocks, safe for blocks that add residuals in place.
+"""Gradient (activation) checkpointing for a model's blocks, exact for blocks that add residuals in place.
 
-A block that does `x += f(x)` on its own input breaks both plain autograd ("modified by an
-inplace operation") and block checkpointing: the checkpoint keeps a reference to the input,
-the block then mutates it, and the recomputation in backward starts from the wrong tensor,
-silently giving wrong gradients. Cloning the block's tensor inputs inside the wrapped call makes
-the block mutate a private copy, which fixes both (without recomputation, what autograd saves
-from that copy is saved as a copy of its own, since the block still mutates it after saving).
+A block that does `x += f(x)` on its own input breaks plain autograd ("modified by an inplace
+operation") and torch's checkpointing alike: the checkpoint keeps a reference to the input,
+the block mutates it, and backward sees the wrong tensor, silently giving wrong gradients.
+Cloning the block's tensor inputs makes it mutate a private copy; what autograd saves from that
+copy is saved as a copy of its own, since the block may still mutate it after saving. With
+recomputation the block is re-run in backward under plain autograd (_RecomputeInBackward),
+where those saved copies work; torch's own checkpoint keeps recomputed tensors by reference and
+would hand backward the mutated ones (measured on ComfyUI's Flux: 4% gradient error).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def _cloned(value: Any) -> Any:
@@ -33,7 +34,8 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], *, recompute: bool = True, cl
         for block in blocks:
             if "forward" in block.__dict__:
                 raise ValueError(f"{type(block).__name__} already has a patched forward; wrap each block once")
-            block.forward = _wrap(block.forward, recompute=recompute, clone_inputs=clone_inputs)
+            block.forward = _wrap(block.forward, recompute=recompute, clone_inputs=clone_inputs,
+                                  module_params=block.parameters)
             wrapped.append(block)
         yield
     finally:
@@ -70,20 +72,76 @@ def _saving_input_copies(forward, args: tuple, kwargs: dict) -> Any:
         return forward(*args, **kwargs)
 
 
-def _wrap(forward, *, recompute: bool, clone_inputs: bool):
+class _RecomputeInBackward(torch.autograd.Function):
+    """Block checkpointing that stays exact when a block mutates its (cloned) inputs in place.
+
+    torch's non-reentrant checkpoint recomputes with its own saved-tensor hooks and keeps what
+    the recomputation saves by reference, so a block that saves its input, adds a residual into
+    it in place and saves again (Flux's DoubleStreamBlock: norm, `txt += ...`, norm, `txt += ...`)
+    hands backward the mutated tensor: silently wrong gradients. Here the forward runs without
+    grad, and backward recomputes the block under plain autograd with copies of what aliases its
+    inputs (_saving_input_copies), then differentiates it at once. The block's trainable
+    parameters are inputs of this function, so they get their gradients even when no tensor
+    input requires grad (a LoRA only inside the blocks).
+    """
+
+    @staticmethod
+    def forward(ctx, body, n_inputs: int, params: tuple, *tensors):
+        inputs = tensors[:n_inputs]
+        ctx.body, ctx.params = body, params
+        ctx.save_for_backward(*inputs)
+        output = body(*inputs)
+        ctx.tuple_output = isinstance(output, tuple)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            output = ctx.body(*inputs, protect_saved=True)
+        outputs = output if ctx.tuple_output else (output,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        wrt = [t for t in inputs if t.requires_grad] + list(ctx.params)
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True) \
+            if pairs and wrt else [None] * len(wrt)
+        grads = list(grads)
+        input_grads = [grads.pop(0) if t.requires_grad else None for t in inputs]
+        return (None, None, None, *input_grads, *grads)
+
+
+def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs: bool) -> Any:
+    """Run forward through _RecomputeInBackward: tensors of args and kwargs become its inputs."""
+    keys = list(kwargs)
+    values = list(args) + [kwargs[k] for k in keys]
+    positions = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+
+    def body(*tensors: torch.Tensor, protect_saved: bool = False) -> Any:
+        filled = list(values)
+        for i, t in zip(positions, tensors):
+            filled[i] = _cloned(t) if clone_inputs else t
+        call_args, call_kwargs = tuple(filled[:len(args)]), dict(zip(keys, filled[len(args):]))
+        if protect_saved and clone_inputs:
+            return _saving_input_copies(forward, call_args, call_kwargs)
+        return forward(*call_args, **call_kwargs)
+
+    params = tuple(p for p in module_params() if p.requires_grad)
+    return _RecomputeInBackward.apply(body, len(positions), params, *[values[i] for i in positions], *params)
+
+
+def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params=None):
     def run(*args: Any, **kwargs: Any) -> Any:
         if clone_inputs:
             args = tuple(_cloned(a) for a in args)
             kwargs = {k: _cloned(v) for k, v in kwargs.items()}
-            if not recompute:
-                return _saving_input_copies(forward, args, kwargs)
+            return _saving_input_copies(forward, args, kwargs)
         return forward(*args, **kwargs)
 
     def wrapped_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if recompute:
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return _recomputed(forward, module_params, args, kwargs, clone_inputs)
         return run(*args, **kwargs)
 
     return wrapped_forward

@@ -1,0 +1,349 @@
+"""The example workflows (workflows/*.json, ComfyUI's UI format) against the real host.
+
+Each file is checked the way ComfyUI would meet it: its graph is self-consistent, every node is
+a registered class (ComfyUI's built-ins and this pack, loaded through ComfyUI's own custom-node
+loader) whose inputs, outputs and widget values fit the class, and the API prompt the frontend
+would queue from it passes the host's own `execution.validate_prompt`, with the model, LoRA and
+dataset names it references present as placeholder files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import enum
+import json
+from pathlib import Path
+
+import pytest
+
+import comfy_host
+
+WORKFLOWS = sorted((comfy_host.PROJECT_ROOT / "workflows").glob("*.json"))
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # the browser's own nodes: never queued
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TITLE_H = 30  # LiteGraph draws a node's title bar above its pos
+
+# What the workflows reference, created as empty placeholders for validation.
+MODEL_FILES = {
+    "diffusion_models": ["flux1-dev.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
+    "loras": ["flux-scfm-3step.safetensors"],
+}
+INPUT_SUBFOLDERS = ["shortcut_fewshot"]
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _norm(t):
+    """IO enums (V3 and typed V1 nodes) and plain strings alike."""
+    return t.value if isinstance(t, enum.Enum) else t
+
+
+def _input_specs(cls) -> list[tuple[str, tuple, str]]:
+    """(name, spec, 'required'|'optional') in INPUT_TYPES order."""
+    it = cls.INPUT_TYPES()
+    return [(name, spec, section) for section in ("required", "optional") for name, spec in it.get(section, {}).items()]
+
+
+def _opts(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def _type_name(spec) -> str:
+    return "COMBO" if isinstance(spec[0], list) else _norm(spec[0])
+
+
+def _is_widget(spec) -> bool:
+    return _type_name(spec) in WIDGET_TYPES and not _opts(spec).get("forceInput")
+
+
+def _has_control(name: str, spec) -> bool:
+    """The frontend adds a control_after_generate widget (fixed/randomize/...) after an INT that asks for one,
+    and, by legacy convention, after any INT named seed or noise_seed that does not say otherwise."""
+    return _type_name(spec) == "INT" and _opts(spec).get("control_after_generate", name in ("seed", "noise_seed"))
+
+
+def _widgets(cls) -> list[tuple[str, bool]]:
+    """(widget name, followed by a control value?) in widgets_values order."""
+    return [(name, _has_control(name, spec)) for name, spec, _ in _input_specs(cls) if _is_widget(spec)]
+
+
+def _outputs(cls) -> list[tuple[str, str]]:
+    types = [_norm(t) for t in cls.RETURN_TYPES]
+    names = list(getattr(cls, "RETURN_NAMES", None) or types)
+    return list(zip(names, types))
+
+
+def _to_prompt(workflow: dict, mappings: dict) -> dict:
+    """The API prompt the frontend queues for a UI workflow (graphToPrompt)."""
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+
+    def source(link_id):
+        """[node id, slot] feeding a link, through Reroutes; a PrimitiveNode gives its value instead."""
+        _, node_id, slot, *_ = links[link_id]
+        node = by_id[node_id]
+        while node["type"] == "Reroute":
+            _, node_id, slot, *_ = links[node["inputs"][0]["link"]]
+            node = by_id[node_id]
+        if node["type"] == "PrimitiveNode":
+            return node["widgets_values"][0]
+        return [str(node_id), slot]
+
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):  # muted / bypassed
+            continue
+        cls = mappings[node["type"]]
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        i = 0
+        for name, control in _widgets(cls):
+            inputs[name] = values[i]
+            i += 2 if control else 1
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                inputs[inp["name"]] = source(inp["link"])
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                   "_meta": {"title": node.get("title", node["type"])}}
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def mappings(comfyui):
+    comfy_host.load_builtin_nodes()
+    comfy_host.load_pack()
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture()
+def placeholder_files(comfyui, tmp_path):
+    """Empty model files and the few-shot input folder the workflows name, in temporary folders registered
+    with folder_paths; folder_paths is restored afterwards."""
+    import folder_paths
+
+    saved_paths = {k: (list(paths), copy.copy(exts))
+                   for k, (paths, exts) in folder_paths.folder_names_and_paths.items()}
+    saved_input = folder_paths.get_input_directory()
+
+    def clear_cache():
+        if hasattr(folder_paths, "filename_list_cache"):
+            folder_paths.filename_list_cache.clear()
+        if hasattr(folder_paths, "cache_helper"):
+            folder_paths.cache_helper.clear()
+
+    for folder, names in MODEL_FILES.items():
+        d = tmp_path / "models" / folder
+        d.mkdir(parents=True)
+        for name in names:
+            (d / name).write_bytes(b"")
+        folder_paths.add_model_folder_path(folder, str(d))
+    input_dir = tmp_path / "input"
+    for sub in INPUT_SUBFOLDERS:
+        (input_dir / sub).mkdir(parents=True)
+    folder_paths.set_input_directory(str(input_dir))
+    clear_cache()
+    try:
+        yield tmp_path
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved_paths)
+        folder_paths.set_input_directory(saved_input)
+        clear_cache()
+
+
+def _validate(prompt: dict):
+    import execution
+
+    return asyncio.run(execution.validate_prompt("shortcut-flow-workflow-test", prompt, None))
+
+
+def _output_nodes(prompt: dict, mappings: dict) -> set[str]:
+    return {k for k, v in prompt.items() if getattr(mappings[v["class_type"]], "OUTPUT_NODE", False) is True}
+
+
+def test_there_are_example_workflows():
+    assert len(WORKFLOWS) >= 3, [p.name for p in WORKFLOWS]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_graph_is_consistent(path):
+    wf = _load(path)
+    assert wf.get("version") == 0.4
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(ids) == len(set(ids)), "duplicate node ids"
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    link_ids = [l[0] for l in wf["links"]]
+    assert len(link_ids) == len(set(link_ids)), "duplicate link ids"
+    assert wf["last_node_id"] >= max(ids)
+    assert wf["last_link_id"] >= max(link_ids, default=0)
+    links = {}
+    for link in wf["links"]:
+        assert len(link) == 6, link
+        lid, src, src_slot, dst, dst_slot, typ = link
+        links[lid] = link
+        assert src in by_id and dst in by_id, link
+        outs, ins = by_id[src].get("outputs", []), by_id[dst].get("inputs", [])
+        assert 0 <= src_slot < len(outs) and 0 <= dst_slot < len(ins), link
+        assert lid in (outs[src_slot].get("links") or []), f"link {lid} missing from its source output"
+        assert ins[dst_slot].get("link") == lid, f"link {lid} missing from its target input"
+        assert typ == outs[src_slot]["type"] == ins[dst_slot]["type"], link
+    for node in wf["nodes"]:  # and nothing dangles the other way
+        for slot, out in enumerate(node.get("outputs", [])):
+            for lid in out.get("links") or []:
+                assert lid in links and links[lid][1] == node["id"] and links[lid][2] == slot, (node["id"], lid)
+        for slot, inp in enumerate(node.get("inputs", [])):
+            if inp.get("link") is not None:
+                lid = inp["link"]
+                assert lid in links and links[lid][3] == node["id"] and links[lid][4] == slot, (node["id"], lid)
+        assert node.get("mode", 0) == 0, f"node {node['id']} is muted or bypassed"
+        assert node.get("properties", {}).get("Node name for S&R", node["type"]) == node["type"], node["id"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_layout_is_readable(path):
+    """No two nodes overlap (title bars included), every link runs left to right, and there is a note."""
+    wf = _load(path)
+    rects = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]}
+    ids = sorted(rects)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            ra, rb = rects[a], rects[b]
+            assert ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1], f"nodes {a} and {b} overlap"
+    for _, src, _, dst, _, _ in wf["links"]:
+        assert rects[src][2] < rects[dst][0], f"link {src} -> {dst} runs right to left"
+    notes = [n for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_nodes_match_their_classes(path, mappings):
+    wf = _load(path)
+    for node in wf["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        assert node["type"] in mappings, f"{where}: no such node type in ComfyUI + this pack"
+        cls = mappings[node["type"]]
+        outputs = _outputs(cls)
+        assert [(o["name"], o["type"]) for o in node.get("outputs", [])] == outputs, where
+        specs = {name: spec for name, spec, _ in _input_specs(cls)}
+        for inp in node.get("inputs", []):
+            assert inp["name"] in specs, f"{where}: unknown input {inp['name']}"
+            spec = specs[inp["name"]]
+            assert inp["type"] == _type_name(spec), f"{where}: input {inp['name']} type"
+            if "widget" in inp:
+                assert _is_widget(spec) and inp["widget"]["name"] == inp["name"], f"{where}: {inp['name']}"
+            else:
+                assert not _is_widget(spec), f"{where}: widget {inp['name']} listed as a plain input"
+        listed = {inp["name"] for inp in node.get("inputs", [])}
+        for name, spec, section in _input_specs(cls):
+            if not _is_widget(spec) and section == "required":
+                assert name in listed, f"{where}: required input {name} has no slot"
+        widgets = _widgets(cls)
+        expected = len(widgets) + sum(control for _, control in widgets)
+        assert len(node.get("widgets_values") or []) == expected, \
+            f"{where}: {len(node.get('widgets_values') or [])} widget values, the class has {expected}"
+        i = 0
+        for name, control in widgets:
+            if control:
+                assert node["widgets_values"][i + 1] in ("fixed", "increment", "decrement", "randomize"), \
+                    f"{where}: control value after {name}"
+            i += 2 if control else 1
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_passes_the_hosts_prompt_validation(path, mappings, placeholder_files):
+    prompt = _to_prompt(_load(path), mappings)
+    outputs = _output_nodes(prompt, mappings)
+    assert outputs
+    valid, error, good_outputs, node_errors = _validate(prompt)
+    assert (valid, error, node_errors) == (True, None, {})
+    # validate_prompt is "valid" when ANY output validates: every one must
+    assert set(good_outputs) == outputs
+
+
+def _recipe(prompt, class_type):
+    return [(k, v["inputs"]) for k, v in prompt.items() if v["class_type"] == class_type]
+
+
+def test_workflows_follow_their_recipes(mappings):
+    prompts = {p.name: _to_prompt(_load(p), mappings) for p in WORKFLOWS}
+
+    a = prompts["flux_3step_shortcut_lora.json"]
+    [(loader_id, loader)] = _recipe(a, "ShortcutLoRALoader")
+    [(_, sampler)] = _recipe(a, "ShortcutSampler")
+    assert loader["lora_name"] == "flux-scfm-3step.safetensors" and loader["strength"] == 1.0
+    assert sampler["steps"] == [loader_id, 1] and sampler["shift"] == [loader_id, 2]  # the file's recipe
+    assert [g["guidance"] for _, g in _recipe(a, "FluxGuidance")] == [3.5]
+
+    b = prompts["flux_few_shot_train_shortcut.json"]
+    [(data_id, data)] = _recipe(b, "LoadImageTextSetFromFolderNode")
+    [(train_id, train)] = _recipe(b, "TrainShortcut")
+    [(_, sampler)] = _recipe(b, "ShortcutSampler")
+    assert data["folder"] == "shortcut_fewshot" and train["positive"] == [data_id, 1]
+    assert train["save_name"] == "flux_shortcut_fewshot" and train["checkpoint_every"] == 200
+    assert sampler["model"] == [train_id, 0] and sampler["steps"] == 3
+    assert [s["lora"] for _, s in _recipe(b, "SaveLoRANode")] == [[train_id, 1]]
+    assert [p["images"] for _, p in _recipe(b, "PreviewImage")] == [[train_id, 3]]
+
+    c = prompts["flux_data_free_distill.json"]
+    [(train_id, train)] = _recipe(c, "TrainShortcut")
+    samplers = dict(_recipe(c, "KSampler"))
+    for s in samplers.values():
+        assert (s["steps"], s["sampler_name"], s["scheduler"], s["cfg"]) == (28, "euler", "simple", 1.0)
+    teacher_data = samplers[train["latents"][0]]
+    assert c[teacher_data["latent_image"][0]]["inputs"]["batch_size"] == 8
+    assert teacher_data["positive"] == train["positive"]  # one conditioning for all
+    [(_, student)] = _recipe(c, "ShortcutSampler")
+    [teacher] = [s for k, s in samplers.items() if k != train["latents"][0]]
+    assert student["model"] == [train_id, 0] and student["steps"] == 3
+    assert student["seed"] == teacher["seed"] and student["latent_image"] == teacher["latent_image"]
+    prefixes = sorted(s["filename_prefix"] for _, s in _recipe(c, "SaveImage"))
+    assert any("teacher" in p for p in prefixes) and any("shortcut" in p for p in prefixes)
+
+
+def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, placeholder_files):
+    """A ShortcutSampler steps widget of 0 (min 1) is caught: the validator really checks our inputs."""
+    checked = 0
+    for path in WORKFLOWS:
+        wf = _load(path)
+        for node in wf["nodes"]:
+            if node["type"] != "ShortcutSampler" or any(i["name"] == "steps" and i.get("link") is not None
+                                                        for i in node.get("inputs", [])):
+                continue
+            bad = copy.deepcopy(wf)
+            target = next(n for n in bad["nodes"] if n["id"] == node["id"])
+            names = [name for name, control in _widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
+            target["widgets_values"][names.index("steps")] = 0
+            prompt = _to_prompt(bad, mappings)
+            valid, error, good_outputs, node_errors = _validate(prompt)
+            sid = str(node["id"])
+            assert sid in node_errors, (path.name, node_errors)
+            assert [(e["type"], e["extra_info"]["input_name"]) for e in node_errors[sid]["errors"]] == \
+                [("value_smaller_than_min", "steps")]
+            downstream = set(node_errors[sid]["dependent_outputs"])
+            assert downstream and not downstream & set(good_outputs)
+            # Outputs that do not depend on the sampler still validate, and then validate_prompt says valid.
+            assert valid is bool(good_outputs)
+            checked += 1
+    assert checked >= 1
+
+
+def test_a_linked_steps_widget_ignores_its_own_value(mappings, placeholder_files):
+    """Where the loader drives ShortcutSampler's steps, the widget value is not what is queued."""
+    wf = _load(comfy_host.PROJECT_ROOT / "workflows" / "flux_3step_shortcut_lora.json")
+    [sampler] = [n for n in wf["nodes"] if n["type"] == "ShortcutSampler"]
+    names = [name for name, control in _widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
+    sampler["widgets_values"][names.index("steps")] = 0
+    prompt = _to_prompt(wf, mappings)
+    assert isinstance(prompt[str(sampler["id"])]["inputs"]["steps"], list)
+    valid, error, _, node_errors = _validate(prompt)
+    assert (valid, node_errors) == (True, {})
