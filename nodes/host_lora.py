@@ -99,6 +99,25 @@ def save_host_lora(path: str | os.PathLike, lora: LoraState, metadata: LoraMetad
     save_lora(path, lora, metadata=metadata, key_map=host_key_map(lora), style="kohya", write_alpha=True)
 
 
+def read_host_lora(path: str | os.PathLike, model, input_name: str = "resume_lora") -> LoraState:
+    """A LoRA file in ComfyUI's key style (this pack's files, TrainLoraNode's) as a LoraState on
+    `model`'s network, to train on from. Keys naming no linear layer of the model are an error:
+    training on from a part of a LoRA would silently drop the rest."""
+    from ..shortcut_core.adapters import linear_module_names
+    from ..shortcut_core.lora_file import load_lora
+
+    network = model.model.diffusion_model
+    loaded = load_lora(path, key_map={name: HOST_PREFIX + name for name in linear_module_names(network)})
+    if loaded.unmatched:
+        shown = ", ".join(loaded.unmatched[:5]) + (", ..." if len(loaded.unmatched) > 5 else "")
+        raise LoraFileError(f"{input_name}: {os.fspath(path)!r} has {len(loaded.unmatched)} keys that name no linear "
+                            f"layer of this model ({shown}); train on from a LoRA this pack wrote for this model, "
+                            f"or load other LoRAs with a LoRA loader before TrainShortcut")
+    if not loaded.weights:
+        raise LoraFileError(f"{input_name}: {os.fspath(path)!r} holds no LoRA layers")
+    return loaded.weights
+
+
 # ---------------------------------------------------------------------------- the authors' diffusers style
 
 def flux_diffusers_export_map(model) -> dict[str, list[ExportPart]]:

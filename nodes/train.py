@@ -131,6 +131,10 @@ class TrainShortcut:
                 resume_state = state
             else:
                 init_lora = host_lora.read_host_lora(keep, model)
+                ranks = sorted({w.rank for w in init_lora.values()})
+                if ranks != [rank]:
+                    raise host.HostInputError(f"resume_lora: {resume_lora} has rank {ranks[0] if len(ranks) == 1 else ranks}"
+                                              f", the rank input is {rank}; set rank to the file's to train on from it")
         lora_file, state_file = host.free_output_paths(save_name, keep=keep)
 
         def write_lora(trainer) -> None:

@@ -170,3 +170,35 @@ def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untou
     assert torch.allclose(a["samples"], b["samples"], atol=1e-6)
     assert not torch.allclose(a["samples"], base["samples"])
     assert module_hash(net) == before
+
+
+def test_train_shortcut_resumes_exactly_from_its_training_state(flux, lora_dir):
+    patcher, positive, _ = flux
+    latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    _, straight, loss_straight, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    _, _, _, _, steps = train_node(patcher, positive, latents, steps=2, save_name="part")
+    assert steps == 2 and (lora_dir / "part.train_state").is_file()
+    _, resumed, loss_resumed, _, steps = train_node(patcher, positive, latents, steps=4, save_name="part",
+                                                    resume_lora="part.safetensors")
+    assert steps == 4 and loss_resumed["loss"] == loss_straight["loss"]
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bit for bit on the CPU
+    assert not (lora_dir / "part_2.safetensors").exists()  # resuming writes on into the resumed file
+
+
+def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites_files(flux, lora_dir):
+    patcher, positive, _ = flux
+    latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    train_node(patcher, positive, latents, steps=2, save_name="first")
+    (lora_dir / "first.train_state").unlink()
+    first = (lora_dir / "first.safetensors").read_bytes()
+    _, _, _, _, steps = train_node(patcher, positive, latents, steps=2, save_name="first", resume_lora="first.safetensors")
+    assert steps == 2 and (lora_dir / "first.safetensors").read_bytes() != first  # trained on, written back
+    before = (lora_dir / "first.safetensors").read_bytes()
+    train_node(patcher, positive, latents, steps=1, save_name="first")  # a new run with a taken name
+    assert (lora_dir / "first.safetensors").read_bytes() == before and (lora_dir / "first_2.safetensors").is_file()
+    (lora_dir / "first.train_state").unlink()
+    with pytest.raises(ValueError, match="resume_lora: .*rank 4.*rank input is 8"):
+        train_node(patcher, positive, latents, steps=1, save_name="x", resume_lora="first.safetensors", rank=8)
+    with pytest.raises(ValueError, match="save_name: .*models/loras"):
+        train_node(patcher, positive, latents, steps=1, save_name="../escape")
