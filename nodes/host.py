@@ -257,11 +257,10 @@ class Progress:
     def _text(self, text: str) -> None:
         if self.node_id is None:
             return
-        try:
-            from server import PromptServer
-            server = PromptServer.instance
-        except (ImportError, AttributeError):
-            return  # no server (a script or a test): the tqdm bar shows the loss
+        import sys
+        server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+        if server is None:
+            return  # no running server (a script or a test): the tqdm bar shows the loss
         server.send_progress_text(text, self.node_id)
 
 

@@ -202,3 +202,49 @@ def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites
         train_node(patcher, positive, latents, steps=1, save_name="x", resume_lora="first.safetensors", rank=8)
     with pytest.raises(ValueError, match="save_name: .*models/loras"):
         train_node(patcher, positive, latents, steps=1, save_name="../escape")
+
+
+def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouched(flux, lora_dir):
+    import comfy.model_management
+    import comfy.utils
+    from shortcut_core import load_lora
+    patcher, positive, _ = flux
+    net = patcher.model.diffusion_model
+    before = module_hash(net)
+    latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    seen = []
+
+    def press_cancel_at_step_2(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2:
+            comfy.model_management.interrupt_current_processing(True)
+
+    hook = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(press_cancel_at_step_2)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train_node(patcher, positive, latents, steps=10, checkpoint_every=0, save_name="cancelled")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(hook)
+    assert max(seen) == 2
+    kept = load_lora(lora_dir / "cancelled.safetensors")
+    assert kept.metadata.config["trained_steps"] == 2 and (lora_dir / "cancelled.train_state").is_file()
+    assert module_hash(net) == before
+    assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    # and it resumes from there to the same LoRA as a run that was never cancelled
+    _, resumed, _, _, steps = train_node(patcher, positive, latents, steps=4, save_name="cancelled",
+                                         resume_lora="cancelled.safetensors")
+    _, straight, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    assert steps == 4 and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_training_error_leaves_the_model_untouched(flux, lora_dir):
+    patcher, positive, _ = flux
+    net = patcher.model.diffusion_model
+    before = module_hash(net)
+    latents = {"samples": torch.full((4, 16, 8, 8), float("nan"))}
+    with pytest.raises(ValueError, match="NaN"):
+        train_node(patcher, positive, latents, steps=2)
+    assert module_hash(net) == before
+    assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
