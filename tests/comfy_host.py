@@ -6,6 +6,7 @@ sits in (<ComfyUI>/custom_nodes/<pack>). ComfyUI runs in-process on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -145,3 +146,40 @@ def pack_module(name: str):
 
     pack = load_pack()
     return importlib.import_module(f"{pack.__name__}.{name}")
+
+
+def _clear_folder_caches(folder_paths) -> None:
+    for cache in ("filename_list_cache", "cache_helper"):
+        if hasattr(folder_paths, cache):
+            getattr(folder_paths, cache).clear()
+
+
+@contextlib.contextmanager
+def host_folders(*, loras: Path | None = None, models: dict[str, Path] | None = None, input_dir: Path | None = None,
+                 output_dir: Path | None = None, temp_dir: Path | None = None):
+    """Point ComfyUI's folders at test folders (`loras` replaces models/loras, `models` adds folders
+    of other kinds); folder_paths is restored afterwards."""
+    import folder_paths
+
+    saved = {k: (list(paths), set(exts)) for k, (paths, exts) in folder_paths.folder_names_and_paths.items()}
+    dirs = (folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_temp_directory())
+    try:
+        if loras is not None:
+            folder_paths.folder_names_and_paths["loras"] = ([str(loras)], saved["loras"][1])
+        for kind, path in (models or {}).items():
+            folder_paths.add_model_folder_path(kind, str(path))
+        if input_dir is not None:
+            folder_paths.set_input_directory(str(input_dir))
+        if output_dir is not None:
+            folder_paths.set_output_directory(str(output_dir))
+        if temp_dir is not None:
+            folder_paths.set_temp_directory(str(temp_dir))
+        _clear_folder_caches(folder_paths)
+        yield
+    finally:
+        folder_paths.folder_names_and_paths.clear()
+        folder_paths.folder_names_and_paths.update(saved)
+        folder_paths.set_input_directory(dirs[0])
+        folder_paths.set_output_directory(dirs[1])
+        folder_paths.set_temp_directory(dirs[2])
+        _clear_folder_caches(folder_paths)

@@ -83,25 +83,17 @@ def _prompt() -> dict:
 
 @pytest.fixture()
 def host_dirs(comfyui, tmp_path):
-    import folder_paths
     import nodes
     comfy_host.load_builtin_nodes()
     comfy_host.load_pack()
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    output, temp = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
     (tmp_path / "loras").mkdir()
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], saved["loras"][1])
-    folder_paths.set_output_directory(str(tmp_path / "output"))
-    folder_paths.set_temp_directory(str(tmp_path / "temp"))
     nodes.NODE_CLASS_MAPPINGS["TinyFluxForTests"] = TinyFluxForTests
     try:
-        yield tmp_path
+        with comfy_host.host_folders(loras=tmp_path / "loras", output_dir=tmp_path / "output",
+                                     temp_dir=tmp_path / "temp"):
+            yield tmp_path
     finally:
         del nodes.NODE_CLASS_MAPPINGS["TinyFluxForTests"]
-        folder_paths.folder_names_and_paths.clear()
-        folder_paths.folder_names_and_paths.update(saved)
-        folder_paths.set_output_directory(output)
-        folder_paths.set_temp_directory(temp)
 
 
 def test_a_prompt_with_our_nodes_and_built_ins_runs_through_the_host_executor(host_dirs):

@@ -129,16 +129,10 @@ def train_node(model, positive, latent, **overrides):
 
 @pytest.fixture()
 def lora_dir(tmp_path):
-    import folder_paths
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
     folder = tmp_path / "loras"
     folder.mkdir()
-    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved["loras"][1])
-    try:
+    with comfy_host.host_folders(loras=folder):
         yield folder
-    finally:
-        folder_paths.folder_names_and_paths.clear()
-        folder_paths.folder_names_and_paths.update(saved)
 
 
 def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untouched(flux, lora_dir):

@@ -62,7 +62,6 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
-    import folder_paths
     import nodes
     patcher, positive = teacher
     net = patcher.model.diffusion_model
@@ -81,13 +80,8 @@ def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
                   checkpoint_every=0, save_name="teacher_test", shift_min=SHIFT, shift_max=SHIFT,
                   resolution_shift_prob=0.0, guidance_min=3.5, guidance_max=3.5, ema_slow_decay=0.99,
                   ema_fast_decay=0.9, gradient_checkpointing=False, sample_shift=SHIFT)
-    saved = {k: (list(v[0]), set(v[1])) for k, v in folder_paths.folder_names_and_paths.items()}
-    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], saved["loras"][1])
-    try:
+    with comfy_host.host_folders(loras=tmp_path):
         model, lora, loss, plot, steps = train().train(model=patcher, latents=data, positive=positive, **values)
-    finally:
-        folder_paths.folder_names_and_paths.clear()
-        folder_paths.folder_names_and_paths.update(saved)
     assert module_hash(net) == before_hash  # training left the teacher's weights bit for bit
     after = _rmse(_samples(model, positive, 3), reference)
     print(f"\n3-step RMSE to the teacher's 64-step samples: teacher {before:.4f}, shortcut {after:.4f} "

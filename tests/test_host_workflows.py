@@ -126,36 +126,17 @@ def mappings(comfyui):
 def placeholder_files(comfyui, tmp_path):
     """Empty model files and the few-shot input folder the workflows name, in temporary folders registered
     with folder_paths; folder_paths is restored afterwards."""
-    import folder_paths
-
-    saved_paths = {k: (list(paths), copy.copy(exts))
-                   for k, (paths, exts) in folder_paths.folder_names_and_paths.items()}
-    saved_input = folder_paths.get_input_directory()
-
-    def clear_cache():
-        if hasattr(folder_paths, "filename_list_cache"):
-            folder_paths.filename_list_cache.clear()
-        if hasattr(folder_paths, "cache_helper"):
-            folder_paths.cache_helper.clear()
-
+    models = {}
     for folder, names in MODEL_FILES.items():
-        d = tmp_path / "models" / folder
-        d.mkdir(parents=True)
+        models[folder] = tmp_path / "models" / folder
+        models[folder].mkdir(parents=True)
         for name in names:
-            (d / name).write_bytes(b"")
-        folder_paths.add_model_folder_path(folder, str(d))
+            (models[folder] / name).write_bytes(b"")
     input_dir = tmp_path / "input"
     for sub in INPUT_SUBFOLDERS:
         (input_dir / sub).mkdir(parents=True)
-    folder_paths.set_input_directory(str(input_dir))
-    clear_cache()
-    try:
+    with comfy_host.host_folders(models=models, input_dir=input_dir):
         yield tmp_path
-    finally:
-        folder_paths.folder_names_and_paths.clear()
-        folder_paths.folder_names_and_paths.update(saved_paths)
-        folder_paths.set_input_directory(saved_input)
-        clear_cache()
 
 
 def _validate(prompt: dict):
