@@ -145,6 +145,24 @@ class ConditionedVelocity:
         negative = conds.get("negative")
         self.negative = self._per_item(negative, count, "negative") if negative is not None else None
         self.takes_guidance = "guidance" in self.positive[0]["model_conds"]
+        # Items whose conditionings the host cannot concatenate (other prompt lengths in a
+        # CONDRegular, reference latents on some items only) run as separate forwards, as the
+        # host's calc_cond_batch runs such conds; items of one group share a forward.
+        self.group_of = self._group_ids()
+
+    def _group_ids(self) -> list[int]:
+        representatives: list[int] = []
+        ids = []
+        for i in range(len(self.positive)):
+            for gid, r in enumerate(representatives):
+                if all(comfy.samplers.cond_equal_size(entries[i]["model_conds"], entries[r]["model_conds"])
+                       for entries in (self.positive, self.negative) if entries is not None):
+                    ids.append(gid)
+                    break
+            else:
+                ids.append(len(representatives))
+                representatives.append(i)
+        return ids
 
     @staticmethod
     def _per_item(entries: list[dict], count: int, input_name: str) -> list[dict]:
@@ -175,6 +193,14 @@ class ConditionedVelocity:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, item: torch.Tensor, guidance: torch.Tensor | None = None,
                  **_: Any) -> torch.Tensor:
+        groups = torch.tensor([self.group_of[i] for i in item.tolist()])
+        if bool((groups == groups[0]).all()):
+            return self._velocity(x, t, item, guidance)
+        rows = [torch.nonzero(groups == g).flatten() for g in groups.unique()]
+        parts = [self._velocity(x[r], t[r], item[r], None if guidance is None else guidance[r]) for r in rows]
+        return torch.cat(parts)[torch.argsort(torch.cat(rows))]
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, item: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
         cond = self._batched(self.positive, item, guidance, x.device)
         uncond = self._batched(self.negative, item, guidance, x.device) if self.negative is not None else None
         denoised = comfy.samplers.sampling_function(self.model, x, t, uncond, cond, self.cfg,

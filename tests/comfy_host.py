@@ -183,3 +183,29 @@ def host_folders(*, loras: Path | None = None, models: dict[str, Path] | None = 
         folder_paths.set_output_directory(dirs[1])
         folder_paths.set_temp_directory(dirs[2])
         _clear_folder_caches(folder_paths)
+
+
+TINY_SD3 = {"in_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2, "adm_in_channels": 32,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
+            "pos_embed_max_size": 16, "num_patches": 256, "out_channels": 16, "qk_norm": "rms",
+            "x_block_self_attn_layers": []}
+
+
+def tiny_sd3(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI SD3 (MMDiT, ModelSamplingDiscreteFlow; width 64 * depth = 128): (BaseModel, ModelPatcher).
+    Conditioning: [[context[1, L, 48], {"pooled_output": pooled[1, 32]}]]."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.SD3(dict(TINY_SD3))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return model, patcher

@@ -242,3 +242,52 @@ def test_a_training_error_leaves_the_model_untouched(flux, lora_dir):
         train_node(patcher, positive, latents, steps=2)
     assert module_hash(net) == before
     assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_sd3_samples_like_stock_euler_and_trains_with_true_cfg(pack, lora_dir):
+    with torch.inference_mode():
+        _, patcher = comfy_host.tiny_sd3(seed=2)
+    net = patcher.model.diffusion_model
+    before = module_hash(net)
+    g = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 5, 48, generator=g), {"pooled_output": torch.randn(1, 32, generator=g)}]]
+    negative = [[torch.zeros(1, 5, 48), {"pooled_output": torch.zeros(1, 32)}]]
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    (ours,) = node("ShortcutSampler").sample(patcher, positive, latent, 3, 4, 3.0, False, 3.5, 1.0, negative=negative)
+    (sigmas,) = node("ShortcutScheduler").get_sigmas(4, 3.0, 1.0, False, 64, 64)
+    assert torch.equal(ours["samples"], _stock_euler(patcher, positive, negative, latent, 3, sigmas, 3.5))
+
+    latents = {"samples": torch.randn(3, 16, 8, 8, generator=g)}
+    model, lora, loss, _, steps = train_node(patcher, positive, latents, steps=2, negative=negative, cfg=3.5,
+                                             resolution_shift_prob=0.0, max_grad_norm=2.0, save_name="sd3")
+    assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
+    assert any(".joint_blocks." in k for k in lora)
+    assert module_hash(net) == before
+
+
+def test_lora_loader_outputs_the_files_recipe_or_the_papers_defaults(flux, lora_dir):
+    from safetensors.torch import load_file, save_file
+    from shortcut_core import LoraWeights
+    from shortcut_core.adapters import linear_module_names
+    host_lora = comfy_host.pack_module("nodes.host_lora")
+    lora_file = comfy_host.pack_module("shortcut_core.lora_file")
+    patcher, _, _ = flux
+    net = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    lora = {name: LoraWeights(torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g),
+                              2.0) for name in linear_module_names(net) for m in [net.get_submodule(name)]}
+    host_lora.save_host_lora(lora_dir / "ours.safetensors", lora, lora_file.LoraMetadata(steps=4, shift=2.5, strength=1.5))
+    host_lora.save_diffusers_flux(lora_dir / "authors.safetensors", lora, patcher.model)
+    tensors = load_file(lora_dir / "authors.safetensors")
+    save_file(dict(tensors, **{"transformer.not_a_layer.lora_A.weight": torch.zeros(2, 2)}),
+              lora_dir / "authors_plus_junk.safetensors")
+
+    out = node("ShortcutLoRALoader").load(patcher, "ours.safetensors", 1.0)
+    model, steps, shift, strength = out["result"]
+    assert (steps, shift, strength) == (4, 2.5, 1.5) and model.patches and not patcher.patches
+    _, steps, shift, strength = node("ShortcutLoRALoader").load(patcher, "authors.safetensors", 1.0)["result"]
+    assert (steps, shift, strength) == (3, 3.25, 1.0)  # no recipe in the file: the paper's
+    text = node("ShortcutLoRALoader").load(patcher, "authors_plus_junk.safetensors", 1.0)["ui"]["text"][0]
+    assert "1 keys matched nothing" in text and "transformer.not_a_layer.lora_A.weight" in text
+    with pytest.raises(ValueError, match="lora_name: 'missing.safetensors' is not in models/loras"):
+        node("ShortcutLoRALoader").load(patcher, "missing.safetensors", 1.0)
