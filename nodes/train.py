@@ -88,6 +88,14 @@ class TrainShortcut:
                 "grad_accum_steps": _int(_D.grad_accum_steps, "Micro-batches per optimizer step.", 1, 1024),
                 "export_diffusers": ("BOOLEAN", {"default": False, "tooltip": "Flux only: also write the LoRA in the "
                                                  "authors' diffusers format (<save_name>_diffusers.safetensors)."}),
+                "target_modules": ("STRING", {"default": "", "tooltip": "Empty: LoRA on every linear layer (the "
+                                              "paper). Else comma-separated module names or suffixes, e.g. "
+                                              "'img_attn.qkv, linear1'."}),
+                "adam_beta1": _float(_D.adam_betas[0], "AdamW beta1.", 0.0, 0.9999, 0.001),
+                "adam_beta2": _float(_D.adam_betas[1], "AdamW beta2.", 0.0, 0.99999, 0.0001),
+                "adam_eps": _float(_D.adam_eps, "AdamW epsilon.", 1e-12, 1e-2, 1e-9),
+                "t_max": _float(_D.t_max, "First schedule point (the paper: 1 - 1e-5, never pure noise).", 0.5, 1.0,
+                                1e-5),
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Negative conditioning for true CFG (cfg > 1): one per "
@@ -112,10 +120,12 @@ class TrainShortcut:
               checkpoint_every, resume_lora, cfg, guidance_min, guidance_max, gradient_checkpointing, sample_steps,
               sample_shift, sample_strength, t_skip, teacher_ratio, teacher_min_steps, teacher_max_steps,
               non_shortcut_ratio, shift_min, shift_max, resolution_shift_prob, ema_slow_decay, ema_fast_decay,
-              ema_restart_every, weight_decay, max_grad_norm, grad_accum_steps, export_diffusers, negative=None,
-              unique_id=None):
+              ema_restart_every, weight_decay, max_grad_norm, grad_accum_steps, export_diffusers, target_modules,
+              adam_beta1, adam_beta2, adam_eps, t_max, negative=None, unique_id=None):
+        targets = tuple(name.strip() for name in target_modules.split(",") if name.strip()) or None
         config = ShortcutConfig(
-            rank=rank, alpha=alpha, t_skip=t_skip, teacher_ratio=teacher_ratio, teacher_min_steps=teacher_min_steps,
+            rank=rank, alpha=alpha, target_modules=targets, t_skip=t_skip, t_max=t_max,
+            adam_betas=(adam_beta1, adam_beta2), adam_eps=adam_eps, teacher_ratio=teacher_ratio, teacher_min_steps=teacher_min_steps,
             teacher_max_steps=teacher_max_steps, non_shortcut_ratio=non_shortcut_ratio, shift_min=shift_min,
             shift_max=shift_max, resolution_shift_prob=resolution_shift_prob, guidance_range=(guidance_min, guidance_max),
             ema_slow_decay=ema_slow_decay, ema_fast_decay=ema_fast_decay, ema_restart_every=ema_restart_every,

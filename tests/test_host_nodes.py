@@ -291,3 +291,32 @@ def test_lora_loader_outputs_the_files_recipe_or_the_papers_defaults(flux, lora_
     assert "1 keys matched nothing" in text and "transformer.not_a_layer.lora_A.weight" in text
     with pytest.raises(ValueError, match="lora_name: 'missing.safetensors' is not in models/loras"):
         node("ShortcutLoRALoader").load(patcher, "missing.safetensors", 1.0)
+
+
+def test_train_shortcut_exposes_every_knob_of_the_config_with_the_papers_defaults(pack):
+    import dataclasses
+    from shortcut_core import ShortcutConfig
+    spec = type(node("TrainShortcut")).INPUT_TYPES()["required"]
+    defaults = ShortcutConfig()
+    split = {"guidance_range": ("guidance_min", "guidance_max"), "adam_betas": ("adam_beta1", "adam_beta2")}
+    for field in dataclasses.fields(ShortcutConfig):
+        if field.name == "extra":
+            continue
+        names = split.get(field.name, (field.name,))
+        assert all(n in spec for n in names), f"ShortcutConfig.{field.name} has no TrainShortcut input"
+        value = getattr(defaults, field.name)
+        if field.name == "target_modules":
+            assert value is None and spec[field.name][1]["default"] == ""
+        elif len(names) == 2:
+            assert tuple(spec[n][1]["default"] for n in names) == tuple(value)
+        else:
+            assert spec[field.name][1]["default"] == value, field.name
+
+
+def test_target_modules_limits_the_lora_to_those_layers(flux, lora_dir):
+    patcher, positive, _ = flux
+    latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    _, lora, _, _, _ = train_node(patcher, positive, latents, steps=1, target_modules="img_attn.qkv, linear1")
+    layers = {k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora}
+    assert layers == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1",
+                      "diffusion_model.single_blocks.1.linear1"}
