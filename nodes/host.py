@@ -260,9 +260,15 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     sampler = _TrainingSampler(run)
     with torch.inference_mode(False):
         latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
-        # The guider needs sigmas to run at all; the trainer draws its own times.
-        guider.sample(torch.zeros_like(latents), latents, sampler, torch.tensor([1.0, 0.0]), seed=run.config.seed,
-                      disable_pbar=True)
+        # The host sizes the model's GPU placement by the noise it is given: one forward of a
+        # training batch (CFG doubles it), not all the latents at once. The guider needs sigmas
+        # to run at all; the trainer draws its own times.
+        # The adapters live beside every weight on the load device, so the whole model goes there
+        # (the host's TrainLoraNode does the same); fp8-stored weights stay fp8 and are cast at use.
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        forward_batch = run.config.batch_size * (2 if negative is not None and not math.isclose(run.cfg, 1.0) else 1)
+        guider.sample(latents.new_zeros((forward_batch,) + tuple(latents.shape[1:])), latents, sampler,
+                      torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
     assert sampler.result is not None
     return sampler.result
 
