@@ -75,8 +75,10 @@ TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size
                  theta=10000, qkv_bias=True, guidance_embed=True)
 
 
-def tiny_flux(seed: int = 0, std: float = 0.05, **overrides):
-    """A real ComfyUI Flux (same classes as production) small enough for a CPU test: (BaseModel, ModelPatcher)."""
+def tiny_flux(seed: int = 0, std: float = 0.05, weight_dtype=None, **overrides):
+    """A real ComfyUI Flux (same classes as production) small enough for a CPU test: (BaseModel, ModelPatcher).
+    weight_dtype=torch.float8_e4m3fn stores the weights in fp8, cast to float32 at use, as ComfyUI
+    holds an fp8 checkpoint."""
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -84,12 +86,12 @@ def tiny_flux(seed: int = 0, std: float = 0.05, **overrides):
 
     cfg = dict(TINY_FLUX, **overrides)
     mc = comfy.supported_models.Flux(cfg)
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(weight_dtype or torch.float32, None if weight_dtype is None else torch.float32)
     model = mc.get_model({}, device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():  # get_model leaves torch.empty weights
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return model, patcher

@@ -320,3 +320,18 @@ def test_target_modules_limits_the_lora_to_those_layers(flux, lora_dir):
     layers = {k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora}
     assert layers == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1",
                       "diffusion_model.single_blocks.1.linear1"}
+
+
+def test_training_works_on_fp8_stored_weights_cast_at_use(pack, lora_dir):
+    with torch.inference_mode():
+        _, patcher = comfy_host.tiny_flux(seed=1, weight_dtype=torch.float8_e4m3fn)
+    net = patcher.model.diffusion_model
+    assert {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
+    before = module_hash(net)
+    positive = [[torch.randn(1, 6, 32), {"pooled_output": torch.randn(1, 16), "guidance": 3.5}]]
+    model, lora, loss, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=2)
+    assert all(torch.isfinite(torch.tensor(loss["loss"]))) and all(v.dtype == torch.float32 for v in lora.values())
+    assert module_hash(net) == before and {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
+    (out,) = node("ShortcutSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 3, 3.25, False,
+                                             1.0, 1.0)
+    assert torch.isfinite(out["samples"]).all()
