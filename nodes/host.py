@@ -254,8 +254,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     """SCFM on a ComfyUI model inside the graph. The shared network is used in place and left
     exactly as it was (adapters removed, weights untouched), also on errors and interrupts."""
     require_flow_model(model)
-    if latents.dim() < 3 or latents.shape[0] == 0:
-        raise HostInputError(f"latents: expected a batch of latents, got shape {tuple(latents.shape)}")
+    latents = one_size_batch(latents)
     guider = make_guider(model, positive, negative, run.cfg)
     sampler = _TrainingSampler(run)
     with torch.inference_mode(False):
@@ -271,6 +270,24 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
                       torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
     assert sampler.result is not None
     return sampler.result
+
+
+def one_size_batch(samples) -> torch.Tensor:
+    """A LATENT's samples as one batch: a tensor, or a list of latents (bucketed datasets) of one size."""
+    if isinstance(samples, (list, tuple)):
+        if not samples:
+            raise HostInputError("latents: the dataset is empty; connect at least one latent (VAE Encode of an image)")
+        sizes = sorted({tuple(s.shape[-2:]) for s in samples})
+        if len(sizes) > 1:
+            raise HostInputError(f"latents: the latents have {len(sizes)} sizes {sizes}; resize the images to one size "
+                                 f"(e.g. the dataset node's resize option) or train one size per run")
+        samples = torch.cat([s if s.dim() == 4 else s[None] for s in samples])
+    if not isinstance(samples, torch.Tensor) or samples.dim() < 3:
+        raise HostInputError(f"latents: expected a LATENT batch, got {type(samples).__name__} "
+                             f"{tuple(getattr(samples, 'shape', ()))}")
+    if samples.shape[0] == 0:
+        raise HostInputError("latents: the dataset is empty; connect at least one latent (VAE Encode of an image)")
+    return samples
 
 
 class Progress:

@@ -232,6 +232,10 @@ def load_lora_onto(patcher: comfy.model_patcher.ModelPatcher, path: str | os.Pat
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     sd = _RecordingDict(comfy.lora_convert.convert_lora(tensors))
     patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    # Same layer names, other widths (another model of a family, or another architecture that
+    # shares a few names): the host would log a shape error at sampling time and skip the layer.
+    misfits = _misfitting(patches, patcher.model.state_dict())
+    patches = {k: v for k, v in patches.items() if k not in misfits}
     if not patches:
         sample = list(tensors)[:5]
         shown = f"its keys look like {sample} ({len(tensors)} in all)" if tensors else "it holds no tensors"
@@ -240,7 +244,7 @@ def load_lora_onto(patcher: comfy.model_patcher.ModelPatcher, path: str | os.Pat
 
     new = patcher.clone()
     applied = set(new.add_patches(patches, strength))
-    refused = _file_keys_of([k for k in patches if k not in applied], key_map, sd.read)
+    refused = _file_keys_of([k for k in patches if k not in applied] + list(misfits), key_map, sd.read)
     unmatched = sorted(set(sd) - sd.read) + refused
     if unmatched:
         logging.warning("LoRA file %s: %d keys were not applied to the model: %s", path, len(unmatched),
@@ -248,6 +252,27 @@ def load_lora_onto(patcher: comfy.model_patcher.ModelPatcher, path: str | os.Pat
     report = LoraLoadReport(path=path, patched_weights=len({_weight_key(k) for k in applied}),
                             matched_keys=len(sd.read - set(refused)), unmatched_keys=unmatched, metadata=metadata)
     return new, report
+
+
+def _misfitting(patches: Mapping, state: Mapping[str, torch.Tensor]) -> list:
+    """Patch keys whose LoRA delta (up rows x down columns) does not fit the weight (or its slice) it targets."""
+    import comfy.weight_adapter
+
+    out = []
+    for key, adapter in patches.items():
+        if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter) or adapter.weights[3] is not None:
+            continue  # other adapter kinds and conv LoRAs: the host checks them when it applies them
+        weight = state.get(_weight_key(key))
+        if weight is None:
+            continue
+        shape = list(weight.shape)
+        if not isinstance(key, str) and key[1] is not None:
+            dim, _, length = key[1]
+            shape[dim] = length
+        up, down = adapter.weights[0], adapter.weights[1]
+        if weight.dim() == 2 and (up.shape[0], down.shape[1]) != tuple(shape):
+            out.append(key)
+    return out
 
 
 def _checked_strength(strength) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from . import host, host_lora
+from .inputs import checked_inputs
 
 log = logging.getLogger("shortcut-flow")
 
@@ -37,6 +38,7 @@ class ShortcutLoRALoader:
     DESCRIPTION = ("Loads a shortcut LoRA onto the model through ComfyUI's own key mapping, reports file keys "
                    "that matched nothing, and outputs the sampling recipe stored in the file.")
 
+    @checked_inputs
     def load(self, model, lora_name, strength):
         host.require_flow_model(model)
         patched, report = host_lora.load_lora_onto(model, host.lora_path(lora_name), strength)

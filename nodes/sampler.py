@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import host
+from .inputs import checked_inputs
 
 DEFAULT_SHIFT = 3.25  # the authors' sampling default for Flux at 1024 px
 
@@ -49,6 +50,7 @@ class ShortcutSampler:
     CATEGORY = "sampling/shortcut"
     DESCRIPTION = "Few-step Euler sampling on the SCFM schedule, for models with a shortcut LoRA."
 
+    @checked_inputs
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None):
         sigmas = host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                       latent_shape=latent_image["samples"].shape)
@@ -77,6 +79,7 @@ class ShortcutScheduler:
     CATEGORY = "sampling/custom_sampling/schedulers"
     DESCRIPTION = "The shortcut schedule as SIGMAS: with the stock euler sampler it samples as Shortcut Sampler does."
 
+    @checked_inputs
     def get_sigmas(self, steps, shift, denoise, resolution_shift, width, height):
         # An 8x VAE latent of this image size: only its token count matters.
         latent_shape = (16, height // 8, width // 8)

@@ -11,6 +11,7 @@ from ..shortcut_core.adapters import STUDENT
 from ..shortcut_core.config import ShortcutConfig
 from ..shortcut_core.loss_plot import loss_curve_image
 from . import host, host_lora
+from .inputs import checked_inputs
 
 log = logging.getLogger("shortcut-flow")
 _D = ShortcutConfig()  # the paper's defaults, one place
@@ -116,6 +117,7 @@ class TrainShortcut:
     DESCRIPTION = ("Distils the model into a few-step sampler with SCFM (velocity-field self-distillation, dual "
                    "EMA): trains a shortcut LoRA on few-shot or teacher-made latents.")
 
+    @checked_inputs
     def train(self, model, latents, positive, steps, batch_size, learning_rate, rank, alpha, seed, save_name,
               checkpoint_every, resume_lora, cfg, guidance_min, guidance_max, gradient_checkpointing, sample_steps,
               sample_shift, sample_strength, t_skip, teacher_ratio, teacher_min_steps, teacher_max_steps,

@@ -15,6 +15,6 @@ from .objective import (ItemRole, ShortcutDraw, average_velocity_target, draw_sh
 from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
 from .sampling import VelocityFn, sample_euler
 from .schedules import (T_MAX, packed_token_count, resolution_mu, resolution_shift, shift_time, shifted_schedule)
-from .trainer import (NonFiniteLossError, ShortcutTrainer, StepReport, TrainingDataError, TrainResult, lora_applied)
+from .trainer import (CheckpointWriteError, NonFiniteLossError, ShortcutTrainer, StepReport, TrainingDataError, TrainResult, lora_applied)
 
 __version__ = "0.1.0"

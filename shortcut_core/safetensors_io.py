@@ -42,9 +42,10 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torc
         raise SafetensorsFileError(f"cannot write {path!r}: folder {folder!r} does not exist")
     # safetensors wants contiguous tensors that share no storage; LoRA state is small, so copy.
     payload = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".partial", dir=folder)
+        os.close(fd)
         save_file(payload, tmp, metadata=dict(metadata) if metadata else None)
         os.chmod(tmp, _file_mode(path))
         with open(tmp, "rb+") as f:
@@ -54,7 +55,7 @@ def write_safetensors_atomic(path: str | os.PathLike, tensors: Mapping[str, torc
         raise SafetensorsFileError(f"could not write {path!r} ({e.strerror or e}); the previous file, if any, is "
                                    f"unchanged. Free disk space or choose a writable folder.") from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     try:
         dir_fd = os.open(folder, os.O_RDONLY)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,13 +38,19 @@ CHECKPOINT_FORMAT = "shortcut_flow.checkpoint.1"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; training stopped before the optimizer used it."""
+    """The loss became NaN or inf; training stopped before the optimizer used it. `step` is the
+    (1-based) step that failed; the run holds the steps before it."""
 
     def __init__(self, step: int, loss: float):
         self.step = step
-        super().__init__(f"the loss became {loss} at step {step + 1}; training stopped before applying it, and the "
+        super().__init__(f"the loss became {loss} at step {step}; training stopped before applying it, and the "
                          f"last checkpoint (if any) was kept. Lower learning_rate, check the latents for NaN/inf, or "
                          f"train in a wider dtype.")
+
+
+class CheckpointWriteError(SafetensorsFileError):
+    """A checkpoint could not be written (full disk, unwritable folder); training stopped. The
+    previous checkpoint file is intact (writes are atomic)."""
 
 
 class TrainingDataError(ValueError):
@@ -196,7 +203,7 @@ class ShortcutTrainer:
                     loss, per_item = shortcut_loss(prediction, target)
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
-                        raise NonFiniteLossError(self.step_count, loss_value)
+                        raise NonFiniteLossError(self.step_count + 1, loss_value)
                     (loss / cfg.grad_accum_steps).backward()
                 total += loss_value / cfg.grad_accum_steps
                 is_flow = (draw.role == ItemRole.FLOW).to(per_item.device)
@@ -250,7 +257,7 @@ class ShortcutTrainer:
                     self._checkpoint(checkpoint_path, on_checkpoint)
                 if callback is not None:
                     callback(report)
-        except NonFiniteLossError:
+        except (NonFiniteLossError, CheckpointWriteError):
             raise
         except BaseException:
             if checkpoint_path and self._consistent and self.step_count > 0:
@@ -263,9 +270,12 @@ class ShortcutTrainer:
         return self.result()
 
     def _checkpoint(self, path: str, on_checkpoint: Callable[[], None] | None) -> None:
-        self.save_checkpoint(path)
-        if on_checkpoint is not None:
-            on_checkpoint()
+        try:
+            self.save_checkpoint(path)
+            if on_checkpoint is not None:
+                on_checkpoint()
+        except SafetensorsFileError as e:
+            raise CheckpointWriteError(f"training stopped after step {self.step_count}: {e}") from e
 
     def result(self) -> TrainResult:
         return TrainResult(lora=self.adapters.lora_state(STUDENT), ema_slow=self.adapters.lora_state(EMA_SLOW),
@@ -308,6 +318,7 @@ class ShortcutTrainer:
             raise SafetensorsFileError(f"training checkpoint {path!r} has no shortcut_flow checkpoint metadata; "
                                        f"it is a LoRA file, not a training checkpoint")
         meta = json.loads(raw["shortcut_flow.checkpoint"])
+        self._check_checkpoint_config(path, meta.get("config") or {})
         names = [name for name, _ in self.adapters.named_parameters(STUDENT)]
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("student") != names:
             raise SafetensorsFileError(f"training checkpoint {path!r} was written for a different LoRA layout "
@@ -335,6 +346,25 @@ class ShortcutTrainer:
         self.generator.set_state(tensors["rng"])
         self.losses = [float(v) for v in tensors["losses"]]
         self.step_count = int(meta["step"])
+
+    # Settings that shape the LoRA itself: a checkpoint made with others cannot be loaded.
+    LAYOUT_FIELDS = ("rank", "alpha", "target_modules")
+    # Settings that may change on resume (length of the run, its outputs) without a warning.
+    FREE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "sample_steps", "sample_shift",
+                   "sample_strength", "extra")
+
+    def _check_checkpoint_config(self, path: str, saved: dict) -> None:
+        current = self.config.to_dict()
+        differ = [k for k in current if k in saved and saved[k] != current[k] and k not in self.FREE_FIELDS]
+        layout = [k for k in differ if k in self.LAYOUT_FIELDS]
+        if layout:
+            pairs = ", ".join(f"{k} {saved[k]!r} (this run: {current[k]!r})" for k in layout)
+            raise SafetensorsFileError(f"training checkpoint {path!r} was made with {pairs}; set the same values to "
+                                       f"resume from it, or start a new run")
+        if differ:
+            warnings.warn(f"resuming {path!r} with changed settings: "
+                          + ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in differ)
+                          + "; the run will differ from an uninterrupted one", stacklevel=3)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
