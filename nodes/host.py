@@ -42,10 +42,12 @@ def require_flow_model(model, input_name: str = "model") -> None:
     """Refuse models that do not predict a flow velocity (SD1.5, SDXL: eps / v-prediction)."""
     sampling = model.get_model_object("model_sampling")
     if not isinstance(sampling, comfy.model_sampling.CONST):
-        kind = type(sampling).__mro__[1].__name__ if type(sampling).__mro__[1:] else type(sampling).__name__
+        # the prediction type is the first of the host's comfy.model_sampling classes in the MRO
+        kinds = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+        kind = next((k for k in kinds if k.isupper() or k in ("EDM", "IMG_TO_IMG")), kinds[0] if kinds else "?")
         raise HostInputError(
-            f"{input_name}: {type(model.model).__name__} is not a flow-matching model (its sampling is {kind}, "
-            f"not flow/CONST). Shortcut LoRAs work on flow models: Flux, SD3/3.5, Chroma, Lumina, Qwen-Image, ...")
+            f"{input_name}: this {type(model.model).__name__} model predicts {kind}, not a flow velocity (CONST). "
+            f"Shortcut LoRAs work on flow-matching models: Flux, SD3/3.5, Chroma, Lumina, Qwen-Image, ...")
 
 
 def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:

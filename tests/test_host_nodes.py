@@ -109,9 +109,9 @@ def test_non_flow_models_are_refused_by_every_node(flux):
     # the host's own ModelSamplingDiscrete node turns the model into an eps-prediction model
     (eps_model,) = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(patcher, "eps", False)
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
-    with pytest.raises(ValueError, match="model: .*not a flow-matching model"):
+    with pytest.raises(ValueError, match="model: .*not a flow velocity"):
         node("ShortcutSampler").sample(eps_model, positive, latent, 0, 3, 3.25, False, 1.0, 1.0)
-    with pytest.raises(ValueError, match="not a flow-matching model"):
+    with pytest.raises(ValueError, match="not a flow velocity"):
         train_node(eps_model, positive, latent, steps=1)
 
 

@@ -58,7 +58,7 @@ def test_a_non_flow_model_is_refused_by_the_loader_too(flux, lora_dir):
     comfy_host.pack_module("nodes.host_lora").save_host_lora(lora_dir / "x.safetensors",
                                                              _random_lora(patcher.model.diffusion_model))
     (eps,) = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(patcher, "v_prediction", False)
-    with pytest.raises(ValueError, match="model: .*not a flow-matching model.*Flux, SD3"):
+    with pytest.raises(ValueError, match="model: .*predicts V_PREDICTION, not a flow velocity.*Flux, SD3"):
         node("ShortcutLoRALoader").load(eps, "x.safetensors", 1.0)
 
 
