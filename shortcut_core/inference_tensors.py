@@ -1,70 +1,48 @@
-"""Training a LoRA through weights that were created under torch.inference_mode.
+"""Training a LoRA through weights that were created under torch.inference_mode, without copying them.
 
 ComfyUI runs every node under inference_mode, so the weights of a model it loads are inference
 tensors. Autograd refuses to save those for backward, and a frozen linear saves its weight to
-pass the gradient on to its input: a LoRA upstream of such a weight cannot learn through it.
-While grad is enabled, each module owning inference tensors runs its forward on ordinary copies
-of them, made for that call and freed with the activations that saved them (one block's worth
-under gradient checkpointing, as when the host casts fp8 weights at use). Under no_grad, as in
-SCFM's target passes and in sampling, nothing is copied. The module's own tensors are put back
-after every call, also when it raises.
+pass the gradient on to its input: a LoRA upstream of such a weight could not learn through it.
+For the duration of a training run each such parameter or buffer is replaced by an ordinary
+tensor that aliases its storage (`Tensor.set_`; no bytes are copied), and the original objects
+are put back afterwards, so the module ends exactly as it was.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 
-def _inference_tensor_names(module: nn.Module) -> tuple[list[str], list[str]]:
-    params = [n for n, t in module._parameters.items() if t is not None and t.is_inference()]
-    buffers = [n for n, t in module._buffers.items() if t is not None and t.is_inference()]
-    return params, buffers
+def _alias(t: torch.Tensor) -> torch.Tensor | None:
+    """An ordinary tensor over t's storage, or None when t cannot be aliased (a tensor subclass)."""
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        return None
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            alias = torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(),
+                                                                       t.size(), t.stride())
+    except (RuntimeError, TypeError):
+        return None
+    return nn.Parameter(alias, requires_grad=False) if isinstance(t, nn.Parameter) else alias
 
 
-class InferenceTensorCopies:
-    """Forward hooks on every submodule of `module` that owns inference tensors; `remove()` undoes them."""
+class InferenceTensorAliases:
+    """Swap every inference-mode parameter and buffer of `module` for a storage alias; `restore()` undoes it."""
 
     def __init__(self, module: nn.Module):
-        self._handles: list[RemovableHandle] = []
-        self._originals: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
-        self.owners = 0
+        self._swapped: list[tuple[dict, str, torch.Tensor]] = []
         for sub in module.modules():
-            params, buffers = _inference_tensor_names(sub)
-            if params or buffers:
-                self.owners += 1
-                self._handles.append(sub.register_forward_pre_hook(self._make_swap_in(params, buffers)))
-                self._handles.append(sub.register_forward_hook(self._swap_back, always_call=True))
+            for table in (sub._parameters, sub._buffers):
+                for name, t in list(table.items()):
+                    if t is not None and t.is_inference():
+                        alias = _alias(t)
+                        if alias is not None:
+                            self._swapped.append((table, name, t))
+                            table[name] = alias
+        self.count = len(self._swapped)
 
-    def _make_swap_in(self, params: list[str], buffers: list[str]):
-        def swap_in(sub: nn.Module, args: Any) -> None:
-            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-                return
-            swapped = []
-            for name in params:
-                original = sub._parameters[name]
-                swapped.append((sub._parameters, name, original))
-                sub._parameters[name] = nn.Parameter(original.clone(), requires_grad=False)
-            for name in buffers:
-                original = sub._buffers[name]
-                swapped.append((sub._buffers, name, original))
-                sub._buffers[name] = original.clone()
-            self._originals.setdefault(id(sub), []).append(swapped)
-        return swap_in
-
-    def _swap_back(self, sub: nn.Module, args: Any, output: Any) -> None:
-        stack = self._originals.get(id(sub))
-        if not stack:
-            return
-        for table, name, original in stack.pop():
+    def restore(self) -> None:
+        for table, name, original in reversed(self._swapped):
             table[name] = original
-        if not stack:
-            del self._originals[id(sub)]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._swapped = []

@@ -27,7 +27,7 @@ from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, uniform_rank_alpha)
 from .config import ShortcutConfig
-from .inference_tensors import InferenceTensorCopies
+from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
@@ -151,8 +151,8 @@ class ShortcutTrainer:
         except BaseException:
             self.adapters.detach()
             raise
-        # A model loaded under inference_mode (every ComfyUI model) is trained through on copies.
-        self._inference_copies = InferenceTensorCopies(module)
+        # A model loaded under inference_mode (every ComfyUI model) is trained through storage aliases.
+        self._inference_aliases = InferenceTensorAliases(module)
         self.step_count = 0
         self.losses: list[float] = []
         self._consistent = True
@@ -368,8 +368,8 @@ class ShortcutTrainer:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Remove the adapters (and any forward hooks) from the module (idempotent)."""
-        self._inference_copies.remove()
+        """Remove the adapters and put back the module's own tensors (idempotent)."""
+        self._inference_aliases.restore()
         self.adapters.detach()
 
     def __enter__(self) -> "ShortcutTrainer":
