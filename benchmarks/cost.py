@@ -14,6 +14,8 @@ Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -25,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from shortcut_core import STUDENT, ShortcutConfig, ShortcutTrainer, interpolate
+from shortcut_core import STUDENT, ShortcutConfig, ShortcutTrainer, checkpoint_blocks, interpolate
 
 from .digits import DigitsFlowNet, DigitsNetConfig, timestep_embedding
 from .report import machine_line, markdown_table
@@ -141,15 +143,23 @@ def mib(n: float) -> str:
 
 # ---------------------------------------------------------------------- the benchmark
 def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConfig, device: torch.device,
-          repeats: int) -> dict[str, object]:
-    """Times (median of `repeats` interleaved runs; none when repeats == 0), peaks and state sizes."""
+          repeats: int, *, velocity=None, extra_args: dict | None = None, batch_args: dict | None = None,
+          blocks=(), peaks: bool = True) -> dict[str, object]:
+    """Times (median of `repeats` interleaved runs; none when repeats == 0), peaks and state sizes.
+
+    `velocity(x, t, **extra)` defaults to module(x, t); the trainer gets `extra_args` (per latent)
+    and `blocks`, the single-pass kinds get `batch_args` (per batch item). peaks=False skips peaks.
+    """
     # On a CPU, freed blocks stay with glibc for reuse, so a step's peak would not show in the
     # RSS high-water mark here: a child process with a fixed mmap threshold measures the peaks.
-    peaks_in_child = device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
-    velocity = lambda x, t, **_: module(x, t)  # noqa: E731
-    module.to(device)
+    peaks_in_child = peaks and device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
+    if velocity is None:
+        velocity = lambda x, t, **_: module(x, t)  # noqa: E731
+        module.to(device)
+    one_pass = functools.partial(velocity, **(batch_args or {}))
     base_bytes = _bytes(module.parameters())
-    with ShortcutTrainer(module, velocity, latents, cfg, device=device) as trainer:
+    with ShortcutTrainer(module, velocity, latents, cfg, device=device, extra_args=extra_args,
+                         blocks=blocks) as trainer:
         params = trainer.adapters.parameters(STUDENT)
         plain_opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         g = torch.Generator().manual_seed(1)
@@ -160,16 +170,21 @@ def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConf
 
         def forward() -> None:
             with torch.no_grad():
-                velocity(x_t, t)
+                one_pass(x_t, t)
+
+        def student_pass():  # as the trainer's student pass: blocks checkpointed / run on cloned inputs
+            return checkpoint_blocks(blocks, recompute=cfg.gradient_checkpointing) if blocks else contextlib.nullcontext()
 
         def forward_backward() -> None:
-            (velocity(x_t, t) - (noise - x0)).pow(2).mean().backward()
+            with student_pass():
+                (one_pass(x_t, t) - (noise - x0)).pow(2).mean().backward()
             for p in params:
                 p.grad = None
 
         def plain_step() -> None:
-            loss = (velocity(x_t, t).float() - (noise - x0).float()).pow(2).mean()
-            loss.backward()
+            with student_pass():
+                loss = (one_pass(x_t, t).float() - (noise - x0).float()).pow(2).mean()
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             plain_opt.step()
             plain_opt.zero_grad(set_to_none=True)
@@ -189,7 +204,7 @@ def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConf
         med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
 
         peak_kinds = ("plain LoRA FM step", "SCFM step")
-        peaks = {} if peaks_in_child else {k: _step_peak(kinds[k], device) for k in peak_kinds}
+        peaks = {} if peaks_in_child or not peaks else {k: _step_peak(kinds[k], device) for k in peak_kinds}
 
         student = _bytes(params)
         emas = _bytes(trainer.adapters.parameters("ema_slow")) + _bytes(trainer.adapters.parameters("ema_fast"))
@@ -239,6 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"LoRA rank {args.rank} on every linear layer; t_skip {base.t_skip}; median of {args.repeats} interleaved runs\n")
     results = [bench(n, m, x, c, device, args.repeats) for n, m, x, c in cases]
 
+    print_tables(results, device)
+
+
+def print_tables(results: list[dict], device: torch.device) -> None:
     rows = []
     for r in results:
         m = r["med"]
@@ -251,8 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for r in results:
         extra = r["student"] + r["emas"] + r["optim"]
+        peak = lambda kind: mib(r["peaks"][kind]) if kind in r["peaks"] else "-"  # noqa: E731
         rows.append([r["name"], mib(r["base"]), mib(r["student"]), mib(r["emas"]), mib(r["optim"]), mib(extra),
-                     f"{extra / r['base']:.2f}", mib(r["peaks"]["plain LoRA FM step"]), mib(r["peaks"]["SCFM step"])])
+                     f"{extra / r['base']:.2f}", peak("plain LoRA FM step"), peak("SCFM step")])
     peak_kind = "GPU allocated" if device.type == "cuda" else "RSS"
     print(markdown_table(["model", "base MiB", "student LoRA MiB", "2 EMAs MiB", "AdamW state MiB", "extra state MiB",
                           "extra/base", f"peak {peak_kind} plain MiB", f"peak {peak_kind} SCFM MiB"], rows))

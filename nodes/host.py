@@ -151,6 +151,9 @@ class ConditionedVelocity:
         # CONDRegular, reference latents on some items only) run as separate forwards, as the
         # host's calc_cond_batch runs such conds; items of one group share a forward.
         self.group_of = self._group_ids()
+        # One network forward per call (the trainer may then mix adapters per item) unless
+        # conditionings of other shapes must run apart.
+        self.keeps_batch_whole = len(set(self.group_of)) == 1
 
     def _group_ids(self) -> list[int]:
         representatives: list[int] = []

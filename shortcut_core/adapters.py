@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from typing import Iterator, Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -245,6 +245,39 @@ class ShortcutAdapters:
         try:
             yield
         finally:
+            self._activate(previous)
+
+    def _peft_name(self, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown adapter role {role!r}; one of {ROLES}")
+        return "__base__" if role == BASE or (role == TEACHER and not self.has_teacher) else role
+
+    @contextlib.contextmanager
+    def use_per_item(self, roles: Sequence[str]) -> Iterator[None]:
+        """Run batch item i as roles[i], all items in one forward (peft's mixed-adapter batches: the
+        base layer once over the whole batch, each adapter on its rows). Under no_grad only. A layer
+        that sees k * len(roles) rows (cond and uncond of CFG stacked by the host) repeats the roles
+        k times, in that order."""
+        names = [self._peft_name(r) for r in roles]
+
+        def with_roles(layer: nn.Module, args: tuple, kwargs: dict):
+            rows = args[0].shape[0]
+            if rows % len(names):
+                raise RuntimeError(f"a LoRA layer saw {rows} rows for {len(names)} items; per-item roles need the "
+                                   f"batch first (or stacked whole batches)")
+            return args, dict(kwargs, adapter_names=names * (rows // len(names)))
+
+        previous = self._active
+        handles = []
+        try:
+            self._activate(STUDENT)
+            for layer in self.layers.values():
+                layer._disable_adapters = False
+                handles.append(layer.register_forward_pre_hook(with_roles, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
             self._activate(previous)
 
     @property

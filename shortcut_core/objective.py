@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -149,13 +149,15 @@ def euler_walk(velocity: VelocityFn, x: torch.Tensor, times: torch.Tensor, extra
 @torch.no_grad()
 def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, draw: ShortcutDraw, *,
                             teacher: VelocityFn, fast_ema: VelocityFn, slow_ema: VelocityFn,
-                            extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
+                            extra_args: Mapping[str, Any] | None = None,
+                            first_half: Callable[[torch.Tensor], VelocityFn] | None = None) -> torch.Tensor:
     """SCFM regression target for every item of the batch (at least float32, shaped like x_t).
 
     FLOW items get noise - x0. A shortcut item at t = t[start] gets
         (sum_i dt_i * v_i) / (t[start] - t[start + t_skip])
     over t_skip Euler sub-steps: the first half walked by `teacher` (TEACHER items) or `fast_ema`
-    (SELF items), the second half by `slow_ema`. Items of one role share each forward.
+    (SELF items), the second half by `slow_ema`. Items of one role share each forward; with
+    `first_half(roles)` (a velocity running item i as roles[i]) the whole first half is one walk.
     """
     extra_args = {} if extra_args is None else extra_args
     batch = x_t.shape[0]
@@ -168,8 +170,11 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
 
     x_mid = x_t.clone()
     displacement = torch.zeros(x_t.shape, dtype=target.dtype, device=x_t.device)
-    for item_role, velocity in ((ItemRole.TEACHER, teacher), (ItemRole.SELF, fast_ema)):
-        idx = torch.nonzero(role == item_role).flatten()
+    pairs = ((ItemRole.TEACHER, teacher), (ItemRole.SELF, fast_ema))
+    if first_half is not None:  # every shortcut item in one walk, each with its own role
+        pairs = ((None, first_half(role[shortcut])),)
+    for item_role, velocity in pairs:
+        idx = shortcut if item_role is None else torch.nonzero(role == item_role).flatten()
         if idx.numel() == 0:
             continue
         dev_idx = idx.to(x_t.device)

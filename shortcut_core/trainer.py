@@ -101,6 +101,10 @@ def _check_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tens
 class ShortcutTrainer:
     """Holds one SCFM run: adapters in `module`, optimizer, RNG, step count and loss history.
 
+    A velocity callable whose every call is one batch-first forward of `module` may set
+    `keeps_batch_whole = True`: the first half of each target then runs teacher and fast-EMA
+    items in one forward (per-item adapters) instead of one forward per role.
+
     Use as a context manager (or call close()): closing removes the adapters, leaving `module`
     exactly as it was. `blocks` are the module's repeated blocks, for gradient checkpointing
     (ShortcutConfig.gradient_checkpointing) and for cloning their inputs (blocks that add residuals in place).
@@ -151,6 +155,9 @@ class ShortcutTrainer:
         except BaseException:
             self.adapters.detach()
             raise
+        # Teacher and fast-EMA items share one forward when the velocity runs each call as one
+        # batch-first network pass (it says so with `keeps_batch_whole`); else one forward per role.
+        self._first_half = self.velocity_per_item if getattr(velocity, "keeps_batch_whole", False) else None
         # A model loaded under inference_mode (every ComfyUI model) is trained through storage aliases.
         self._inference_aliases = InferenceTensorAliases(module)
         self.step_count = 0
@@ -162,6 +169,16 @@ class ShortcutTrainer:
         """The velocity callable with the module switched to `role` for each call."""
         def velocity(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
             with self.adapters.use(role):
+                return self.velocity(x, t, **extra)
+        return velocity
+
+    def velocity_per_item(self, roles: torch.Tensor) -> VelocityFn:
+        """A velocity running item i as the teacher (TEACHER items) or the fast EMA (SELF items),
+        all in one forward: the first half of every SCFM target in one pass."""
+        names = [TEACHER if r == ItemRole.TEACHER else EMA_FAST for r in roles.tolist()]
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
+            with self.adapters.use_per_item(names):
                 return self.velocity(x, t, **extra)
         return velocity
 
@@ -194,7 +211,7 @@ class ShortcutTrainer:
                 x_t = interpolate(x0, noise, t)
                 target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
                                                  fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
-                                                 extra_args=extra)
+                                                 extra_args=extra, first_half=self._first_half)
                 # The student runs last and its backward follows at once, so a recomputing
                 # checkpoint replays the forward with the student adapter still active.
                 with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,

@@ -537,3 +537,29 @@ def test_parameters_and_named_parameters_agree(model):
             assert all(a is b for (_, a), b in zip(named, params))
             assert [n for n, _ in named][:2] == ["0.lora_down", "0.lora_up"]
         assert ad.parameters(TEACHER) == []
+
+
+@pytest.mark.parametrize("with_teacher_lora", [False, True])
+def test_per_item_roles_in_one_forward_equal_one_forward_per_role(model, with_teacher_lora):
+    teacher = make_lora(tiny_model(), rank=2, alpha=2.0, seed=5) if with_teacher_lora else None
+    x = inputs(n=6)
+    roles = [TEACHER, EMA_FAST, EMA_FAST, TEACHER, STUDENT, EMA_FAST]
+    with ShortcutAdapters(model, rank=4, alpha=4, generator=torch.Generator().manual_seed(0), teacher=teacher) as ad:
+        for role, seed in ((STUDENT, 1), (EMA_FAST, 2)):
+            randomize(ad, role, seed)
+        with torch.no_grad():
+            want = torch.cat([_run_as(ad, model, role, x[i:i + 1]) for i, role in enumerate(roles)])
+            with ad.use_per_item(roles):
+                got = model(x)
+                stacked = model(torch.cat([x, x]))  # e.g. cond and uncond stacked by a host: roles repeat
+            with pytest.raises(RuntimeError, match="rows for 6 items"):
+                with ad.use_per_item(roles):
+                    model(x[:4])
+        assert ad.active == STUDENT and not any(layer._forward_pre_hooks for layer in ad.layers.values())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stacked, torch.cat([want, want]), rtol=1e-6, atol=1e-6)
+
+
+def _run_as(adapters, model, role, x):
+    with adapters.use(role):
+        return model(x)

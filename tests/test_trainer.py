@@ -645,3 +645,20 @@ def test_result_metadata_records_the_run():
         cfg(steps=2, sample_steps=4, sample_shift=3.0)
     assert set(result.lora) == set(linear_module_names(make_net()))
     assert copy.deepcopy(result.lora).keys() == result.ema_slow.keys() == result.ema_fast.keys()
+
+
+def test_per_item_first_half_trains_like_one_forward_per_role():
+    """A velocity that keeps its batch whole lets teacher and fast-EMA items share a forward; the run is the same."""
+    def run(keeps_whole: bool):
+        net = make_net()
+        velocity = velocity_of(net)
+        if keeps_whole:
+            velocity = lambda x, t, **kw: net(x, t, **kw)  # noqa: E731
+            velocity.keeps_batch_whole = True
+        with ShortcutTrainer(net, velocity, make_latents(), cfg(steps=4, teacher_ratio=0.5)) as tr:
+            assert (tr._first_half is not None) == keeps_whole
+            return tr.train(progress=False)
+    split, mixed = run(False), run(True)
+    for name in split.lora:
+        torch.testing.assert_close(mixed.lora[name].up, split.lora[name].up, rtol=1e-4, atol=1e-6)
+    assert mixed.losses == pytest.approx(split.losses, rel=1e-5)
