@@ -198,8 +198,9 @@ def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConf
             fn()
             fn()
         times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(repeats):  # interleaved, so drift hits every kind alike
-            for k, fn in kinds.items():
+        order = list(kinds.items())
+        for r in range(repeats):  # interleaved and rotated, so drift and position hit every kind alike
+            for k, fn in order[r % len(order):] + order[:r % len(order)]:
                 times[k].append(_timed(fn, device))
         med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
 

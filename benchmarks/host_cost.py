@@ -6,7 +6,7 @@ inference_mode as ComfyUI builds them, and every pass goes through the pack's ho
 runs. Prints the same tables as benchmarks.cost: step times, the ideal ratio
 1 + t_skip * F / (F + B), and the extra state (student LoRA + 2 EMAs + AdamW moments).
 
-    python -m benchmarks.host_cost [--repeats 9] [--rank 64] [--device cuda]
+    python -m benchmarks.host_cost [--repeats 16] [--rank 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def run_case(name, overrides, side, batch, config: ShortcutConfig, device, repea
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=16)
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier timings on a shared machine)")
     args = ap.parse_args(argv)
     path, why = comfy_host.start_comfyui()
     if path is None:
@@ -80,11 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     comfy_host.load_pack()
     import comfy.model_management
     device = comfy.model_management.get_torch_device()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     # The paper's Flux recipe (guidance draw, resolution shift); rank from the command line.
     config = ShortcutConfig(rank=args.rank, alpha=float(args.rank))
     print(machine_line())
-    print(f"ComfyUI at {path}; LoRA rank {args.rank} on every linear layer; t_skip {config.t_skip}; median of "
-          f"{args.repeats} interleaved runs; all passes through the host adapter\n")
+    print(f"ComfyUI at {path}; LoRA rank {args.rank} on every linear layer; the paper's Flux recipe otherwise; "
+          f"median of {args.repeats} interleaved, rotated runs; all passes through the host adapter\n")
     results = [run_case(*case, config, device, args.repeats, checkpointing)
                for case in CASES for checkpointing in (False, True)]
     print_tables(results, device)

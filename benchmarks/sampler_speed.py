@@ -3,7 +3,7 @@
 Needs a ComfyUI checkout (found as the host tests find it: COMFYUI_PATH, ../ComfyUI, or the
 ComfyUI tree the pack sits in). Runs real Flux models built from ComfyUI's own classes with
 random weights: the tiny one of the host tests and a mid-size one. Both samplers run through the
-host's guider on the same latent, seed and steps; runs alternate, medians are printed.
+host's guider on the same latent, seed and steps; runs alternate in ABBA order, medians are printed.
 
     python -m benchmarks.sampler_speed [--repeats 15] [--steps 3 8]
 """
@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> None:
                 times: dict[str, list[float]] = {k: [] for k in runs}
                 for fn in runs.values():
                     fn()  # warm-up: model load, first-call overheads
-                for _ in range(args.repeats):
-                    for key, fn in runs.items():
+                for r in range(args.repeats):
+                    order = list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]  # ABBA: no order bias
+                    for key, fn in order:
                         start = time.perf_counter()
                         fn()
                         times[key].append(time.perf_counter() - start)
