@@ -64,10 +64,8 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
 
     host = comfy_host.pack_module("nodes.host")
     patcher = _build(widths, double, single, weight_dtype, device)
-    g = torch.Generator().manual_seed(0)
-    positive = [[torch.randn(1, 512 if widths is FLUX_WIDTHS else 16, widths["context_in_dim"], generator=g),
-                 {"pooled_output": torch.randn(1, widths["vec_in_dim"], generator=g), "guidance": 3.5}]]
-    latents = torch.randn(4, 16, side, side, generator=g)
+    positive = comfy_host.flux_positive(patcher, tokens=512 if widths is FLUX_WIDTHS else 16)
+    latents = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(0))
     config = ShortcutConfig(rank=rank, alpha=float(rank), batch_size=batch, gradient_checkpointing=True)
     out = {}
 
@@ -141,10 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
     args = ap.parse_args(argv)
-    path, why = comfy_host.start_comfyui()
-    if path is None:
-        raise SystemExit(f"needs ComfyUI: {why}")
-    comfy_host.load_pack()
+    path = comfy_host.pack_or_exit()
     import comfy.model_management
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False

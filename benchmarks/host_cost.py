@@ -39,11 +39,8 @@ def run_case(name, overrides, side, batch, config: ShortcutConfig, device, repea
     host = comfy_host.pack_module("nodes.host")
     with torch.inference_mode():
         _, patcher = comfy_host.tiny_flux(seed=0, **overrides)
-    params = patcher.model.diffusion_model.params
-    g = torch.Generator().manual_seed(0)
-    positive = [[torch.randn(1, 16, params.context_in_dim, generator=g),
-                 {"pooled_output": torch.randn(1, params.vec_in_dim, generator=g), "guidance": 3.5}]]
-    latents = torch.randn(16, 16, side, side, generator=g)
+    positive = comfy_host.flux_positive(patcher)
+    latents = torch.randn(16, 16, side, side, generator=torch.Generator().manual_seed(0))
     config = config.replace(batch_size=batch, gradient_checkpointing=checkpointing)
     out = {}
 
@@ -75,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier timings on a shared machine)")
     args = ap.parse_args(argv)
-    path, why = comfy_host.start_comfyui()
-    if path is None:
-        raise SystemExit(f"needs ComfyUI: {why}")
-    comfy_host.load_pack()
+    path = comfy_host.pack_or_exit()
     import comfy.model_management
     device = comfy.model_management.get_torch_device()
     if device.type == "cpu":

@@ -50,10 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args(argv)
-    path, why = comfy_host.start_comfyui()
-    if path is None:
-        raise SystemExit(f"needs ComfyUI: {why}")
-    comfy_host.load_pack()
+    path = comfy_host.pack_or_exit()
     import comfy.utils
     import nodes
 
@@ -62,9 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     defaults = {n: o[0]["default"] for n, (k, *o) in train.INPUT_TYPES()["required"].items() if o and "default" in o[0]}
     with torch.inference_mode():
         _, patcher = comfy_host.tiny_flux(seed=0, **FLUX)
-    g = torch.Generator().manual_seed(0)
-    positive = [[torch.randn(1, 16, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g)}]]
-    latents = {"samples": torch.randn(8, 16, 16, 16, generator=g)}
+    positive = comfy_host.flux_positive(patcher, guidance=None)
+    latents = {"samples": torch.randn(8, 16, 16, 16, generator=torch.Generator().manual_seed(0))}
     network = patcher.model.diffusion_model
     rows = [["before", f"{_rss_mib():.1f}", "", _live_tensors(), sum(p.numel() for p in network.parameters())]]
     first = None

@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, nargs="+", default=[3, 8])
     args = parser.parse_args(argv)
-    path, why = comfy_host.start_comfyui()
-    if path is None:
-        raise SystemExit(f"needs ComfyUI: {why}")
-    comfy_host.load_pack()
+    path = comfy_host.pack_or_exit()
     import comfy.utils
     import nodes
 
@@ -48,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (overrides, size, batch) in MODELS.items():
         with torch.inference_mode():
             _, patcher = comfy_host.tiny_flux(seed=0, **overrides)
-            cfg = patcher.model.diffusion_model.params
-            g = torch.Generator().manual_seed(0)
-            positive = [[torch.randn(1, 16, cfg.context_in_dim, generator=g),
-                         {"pooled_output": torch.randn(1, cfg.vec_in_dim, generator=g), "guidance": 3.5}]]
+            positive = comfy_host.flux_positive(patcher)
             latent = {"samples": torch.zeros(batch, 16, size, size)}
             for steps in args.steps:
                 runs = {

@@ -211,3 +211,24 @@ def tiny_sd3(seed: int = 0, std: float = 0.05):
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return model, patcher
+
+
+def flux_positive(patcher, tokens: int = 16, seed: int = 0, guidance: float | None = 3.5):
+    """Random CONDITIONING shaped for a Flux patcher's widths (context and pooled vector), one entry."""
+    import torch
+
+    params = patcher.model.diffusion_model.params
+    g = torch.Generator().manual_seed(seed)
+    options = {"pooled_output": torch.randn(1, params.vec_in_dim, generator=g)}
+    if guidance is not None:
+        options["guidance"] = guidance
+    return [[torch.randn(1, tokens, params.context_in_dim, generator=g), options]]
+
+
+def pack_or_exit() -> Path:
+    """For benchmarks: ComfyUI started in-process and this pack loaded, else exit saying why."""
+    path, why = start_comfyui()
+    if path is None:
+        raise SystemExit(f"needs ComfyUI: {why}")
+    load_pack()
+    return path

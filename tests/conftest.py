@@ -65,3 +65,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(bar, red=True, bold=True)
     else:
         terminalreporter.write_line(f"host tests: none skipped (ComfyUI: {path or 'not found'})", green=True)
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui):
+    """ComfyUI's built-in nodes and this pack, loaded through the host's own custom-node loader."""
+    comfy_host.load_builtin_nodes()
+    return comfy_host.load_pack()
+
+
+@pytest.fixture()
+def lora_dir(comfyui, tmp_path):
+    """An empty models/loras for the test."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    with comfy_host.host_folders(loras=folder):
+        yield folder

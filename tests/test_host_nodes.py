@@ -8,15 +8,6 @@ import torch
 import comfy_host
 from hashing import module_hash
 
-TOOLTIP_EXEMPT = {"hidden"}
-
-
-@pytest.fixture(scope="module")
-def pack(comfyui):
-    comfy_host.load_builtin_nodes()
-    return comfy_host.load_pack()
-
-
 @pytest.fixture()
 def flux(pack):
     with torch.inference_mode():  # as ComfyUI's executor builds every model
@@ -125,14 +116,6 @@ def train_node(model, positive, latent, **overrides):
                   checkpoint_every=2, save_name="test_shortcut")
     values.update(overrides)
     return cls().train(model=model, latents=latent, positive=positive, **values)
-
-
-@pytest.fixture()
-def lora_dir(tmp_path):
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    with comfy_host.host_folders(loras=folder):
-        yield folder
 
 
 def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untouched(flux, lora_dir):

@@ -16,12 +16,6 @@ from hashing import module_hash
 from test_host_nodes import node, train_node
 
 
-@pytest.fixture(scope="module")
-def pack(comfyui):
-    comfy_host.load_builtin_nodes()
-    return comfy_host.load_pack()
-
-
 @pytest.fixture()
 def flux(pack):
     with torch.inference_mode():
@@ -29,14 +23,6 @@ def flux(pack):
     g = torch.Generator().manual_seed(7)
     positive = [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5}]]
     return patcher, positive
-
-
-@pytest.fixture()
-def lora_dir(tmp_path):
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    with comfy_host.host_folders(loras=folder):
-        yield folder
 
 
 def latents(count=4, size=8):
