@@ -318,3 +318,27 @@ def test_training_works_on_fp8_stored_weights_cast_at_use(pack, lora_dir):
     (out,) = node("ShortcutSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 3, 3.25, False,
                                              1.0, 1.0)
     assert torch.isfinite(out["samples"]).all()
+
+
+def test_training_shows_step_and_loss_on_the_node_and_the_progress_bar(flux, lora_dir, monkeypatch):
+    import sys
+    import types
+
+    import comfy.utils
+    patcher, positive, _ = flux
+    texts, bars = [], []
+
+    class Server:  # the running PromptServer's side the node talks to
+        def send_progress_text(self, text, node_id, sid=None):
+            texts.append((node_id, text))
+
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=Server())))
+    hook = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bars.append((value, total, node_id)))
+    try:
+        train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=3, unique_id="42")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(hook)
+    assert [v for v, total, node_id in bars if node_id == "42"] == [0, 1, 2, 3]
+    assert [node_id for node_id, _ in texts] == ["42"] * 3
+    assert texts[-1][1].startswith("step 3/3  loss ")
