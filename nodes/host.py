@@ -264,12 +264,12 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     sampler = _TrainingSampler(run)
     with torch.inference_mode(False):
         latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
-        # The host sizes the model's GPU placement by the noise it is given: one forward of a
-        # training batch (CFG doubles it), not all the latents at once. The guider needs sigmas
-        # to run at all; the trainer draws its own times.
         # The adapters live beside every weight on the load device, so the whole model goes there
         # (the host's TrainLoraNode does the same); fp8-stored weights stay fp8 and are cast at use.
         comfy.model_management.load_models_gpu([model], force_full_load=True)
+        # The host sizes the model's GPU placement by the noise it is given: one forward of a
+        # training batch (CFG doubles it), not all the latents at once. The guider needs sigmas
+        # to run at all; the trainer draws its own times.
         forward_batch = run.config.batch_size * (2 if negative is not None and not math.isclose(run.cfg, 1.0) else 1)
         guider.sample(latents.new_zeros((forward_batch,) + tuple(latents.shape[1:])), latents, sampler,
                       torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
@@ -277,11 +277,14 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     return sampler.result
 
 
+_EMPTY_DATASET = "latents: the dataset is empty; connect at least one latent (VAE Encode of an image)"
+
+
 def one_size_batch(samples) -> torch.Tensor:
     """A LATENT's samples as one batch: a tensor, or a list of latents (bucketed datasets) of one size."""
     if isinstance(samples, (list, tuple)):
         if not samples:
-            raise HostInputError("latents: the dataset is empty; connect at least one latent (VAE Encode of an image)")
+            raise HostInputError(_EMPTY_DATASET)
         sizes = sorted({tuple(s.shape[-2:]) for s in samples})
         if len(sizes) > 1:
             raise HostInputError(f"latents: the latents have {len(sizes)} sizes {sizes}; resize the images to one size "
@@ -291,7 +294,7 @@ def one_size_batch(samples) -> torch.Tensor:
         raise HostInputError(f"latents: expected a LATENT batch, got {type(samples).__name__} "
                              f"{tuple(getattr(samples, 'shape', ()))}")
     if samples.shape[0] == 0:
-        raise HostInputError("latents: the dataset is empty; connect at least one latent (VAE Encode of an image)")
+        raise HostInputError(_EMPTY_DATASET)
     return samples
 
 
