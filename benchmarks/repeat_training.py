@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     train = nodes.NODE_CLASS_MAPPINGS["TrainShortcut"]
-    defaults = {n: o[0]["default"] for n, (k, *o) in train.INPUT_TYPES()["required"].items() if o and "default" in o[0]}
+    defaults = comfy_host.widget_defaults(train)
     with torch.inference_mode():
         _, patcher = comfy_host.tiny_flux(seed=0, **FLUX)
     positive = comfy_host.flux_positive(patcher, guidance=None)

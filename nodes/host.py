@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -22,7 +24,9 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.utils
+import folder_paths
 import latent_preview
 
 from ..shortcut_core.config import ShortcutConfig
@@ -314,7 +318,6 @@ class Progress:
     def _text(self, text: str) -> None:
         if self.node_id is None:
             return
-        import sys
         server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
         if server is None:
             return  # no running server (a script or a test): the tqdm bar shows the loss
@@ -327,12 +330,10 @@ _SAVE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX
 
 
 def lora_names() -> list[str]:
-    import folder_paths
     return folder_paths.get_filename_list("loras")
 
 
 def lora_path(name: str, input_name: str = "lora_name") -> str:
-    import folder_paths
     if name not in folder_paths.get_filename_list("loras"):
         raise HostInputError(f"{input_name}: {name!r} is not in models/loras; pick a file from the list "
                              f"(refresh the browser page after copying new files)")
@@ -341,9 +342,7 @@ def lora_path(name: str, input_name: str = "lora_name") -> str:
 
 def output_paths(save_name: str, input_name: str = "save_name") -> tuple[str, str]:
     """(LoRA file, training state) for a save name, always inside the first models/loras folder."""
-    import os
 
-    import folder_paths
     name = save_name.strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
@@ -359,14 +358,12 @@ def output_paths(save_name: str, input_name: str = "save_name") -> tuple[str, st
 
 def with_lora(model, lora_model: dict, strength: float = 1.0):
     """A clone of the MODEL with a LORA_MODEL applied as weight patches, as the stock LoraModelLoader does."""
-    import comfy.sd
     return comfy.sd.load_lora_for_models(model, None, lora_model, strength, 0)[0]
 
 
 def free_output_paths(save_name: str, keep: str | None = None) -> tuple[str, str]:
     """output_paths, with _2, _3, ... appended while the LoRA file exists (unless it is `keep`,
     the file being resumed): a new run never overwrites a user's file."""
-    import os
     lora, state = output_paths(save_name)
     stem, n = lora[: -len(".safetensors")], 1
     while os.path.exists(lora) and (keep is None or os.path.abspath(lora) != os.path.abspath(keep)):

@@ -23,9 +23,10 @@ import comfy.lora_convert
 import comfy.model_base
 import comfy.model_patcher
 import comfy.utils
+import comfy.weight_adapter
 
-from ..shortcut_core.adapters import LoraState, LoraWeights
-from ..shortcut_core.lora_file import LoraFileError, LoraMetadata, save_lora
+from ..shortcut_core.adapters import LoraState, LoraWeights, linear_module_names
+from ..shortcut_core.lora_file import LoraFileError, LoraMetadata, load_lora, save_lora
 from ..shortcut_core.safetensors_io import read_safetensors
 
 HOST_PREFIX = "diffusion_model."
@@ -103,9 +104,6 @@ def read_host_lora(path: str | os.PathLike, model, input_name: str = "resume_lor
     """A LoRA file in ComfyUI's key style (this pack's files, TrainLoraNode's) as a LoraState on
     `model`'s network, to train on from. Keys naming no linear layer of the model are an error:
     training on from a part of a LoRA would silently drop the rest."""
-    from ..shortcut_core.adapters import linear_module_names
-    from ..shortcut_core.lora_file import load_lora
-
     network = model.model.diffusion_model
     loaded = load_lora(path, key_map={name: HOST_PREFIX + name for name in linear_module_names(network)})
     if loaded.unmatched:
@@ -256,8 +254,6 @@ def load_lora_onto(patcher: comfy.model_patcher.ModelPatcher, path: str | os.Pat
 
 def _misfitting(patches: Mapping, state: Mapping[str, torch.Tensor]) -> list:
     """Patch keys whose LoRA delta (up rows x down columns) does not fit the weight (or its slice) it targets."""
-    import comfy.weight_adapter
-
     out = []
     for key, adapter in patches.items():
         if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter) or adapter.weights[3] is not None:

@@ -110,6 +110,17 @@ class _RecomputeInBackward(torch.autograd.Function):
         return (None, None, None, *input_grads, *grads)
 
 
+def _call(forward, args: tuple, kwargs: dict, *, clone_inputs: bool, protect_saved: bool) -> Any:
+    """forward on clones of its tensor inputs (clone_inputs), with autograd saving copies of what
+    aliases them (protect_saved: needed only where autograd records)."""
+    if clone_inputs:
+        args = tuple(_cloned(a) for a in args)
+        kwargs = {k: _cloned(v) for k, v in kwargs.items()}
+        if protect_saved:
+            return _saving_input_copies(forward, args, kwargs)
+    return forward(*args, **kwargs)
+
+
 def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs: bool) -> Any:
     """Run forward through _RecomputeInBackward: tensors of args and kwargs become its inputs."""
     keys = list(kwargs)
@@ -119,29 +130,20 @@ def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs:
     def body(*tensors: torch.Tensor, protect_saved: bool = False) -> Any:
         filled = list(values)
         for i, t in zip(positions, tensors):
-            filled[i] = _cloned(t) if clone_inputs else t
-        call_args, call_kwargs = tuple(filled[:len(args)]), dict(zip(keys, filled[len(args):]))
-        if protect_saved and clone_inputs:
-            return _saving_input_copies(forward, call_args, call_kwargs)
-        return forward(*call_args, **call_kwargs)
+            filled[i] = t
+        return _call(forward, tuple(filled[:len(args)]), dict(zip(keys, filled[len(args):])),
+                     clone_inputs=clone_inputs, protect_saved=protect_saved)
 
     params = tuple(p for p in module_params() if p.requires_grad)
     return _RecomputeInBackward.apply(body, len(positions), params, *[values[i] for i in positions], *params)
 
 
-def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params=None):
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if clone_inputs:
-            args = tuple(_cloned(a) for a in args)
-            kwargs = {k: _cloned(v) for k, v in kwargs.items()}
-            return _saving_input_copies(forward, args, kwargs)
-        return forward(*args, **kwargs)
-
+def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params):
     def wrapped_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if recompute:
             return _recomputed(forward, module_params, args, kwargs, clone_inputs)
-        return run(*args, **kwargs)
+        return _call(forward, args, kwargs, clone_inputs=clone_inputs, protect_saved=True)
 
     return wrapped_forward

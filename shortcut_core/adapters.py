@@ -215,9 +215,7 @@ class ShortcutAdapters:
 
     # ------------------------------------------------------------------ switching
     def _activate(self, role: str) -> None:
-        if role not in ROLES:
-            raise ValueError(f"unknown adapter role {role!r}; one of {ROLES}")
-        off = role == BASE or (role == TEACHER and not self.has_teacher)
+        off = self._peft_name(role) == "__base__"
         for layer in self.layers.values():
             if self._fast_switch:
                 # Flip peft's own two switches; requires_grad stays as set at attach time
@@ -248,6 +246,7 @@ class ShortcutAdapters:
             self._activate(previous)
 
     def _peft_name(self, role: str) -> str:
+        """The peft adapter a role runs; "__base__" (peft's name for none) for the base model and an absent teacher."""
         if role not in ROLES:
             raise ValueError(f"unknown adapter role {role!r}; one of {ROLES}")
         return "__base__" if role == BASE or (role == TEACHER and not self.has_teacher) else role

@@ -43,8 +43,7 @@ def loss_curve_image(losses: Sequence[float], width: int = 640, height: int = 32
         return img
     log = values.min() > 0 and values.max() / values.min() > 10.0
     transform = np.log10 if log else (lambda a: a)
-    curves = (transform(values), transform(np.maximum(smoothed(values, max(1, values.size // 50)), 1e-30) if log
-                                           else smoothed(values, max(1, values.size // 50))))
+    curves = (transform(values), transform(smoothed(values, max(1, values.size // 50))))
     lo, hi = min(c.min() for c in curves), max(c.max() for c in curves)
     span = hi - lo if hi > lo else 1.0
     plot_w, plot_h = width - 2 * margin - 2, height - 2 * margin - 2

@@ -232,3 +232,9 @@ def pack_or_exit() -> Path:
         raise SystemExit(f"needs ComfyUI: {why}")
     load_pack()
     return path
+
+
+def widget_defaults(node_class) -> dict:
+    """{input: default} for a node class's required inputs that declare one (its widgets)."""
+    return {name: options[0]["default"] for name, (kind, *options) in node_class.INPUT_TYPES()["required"].items()
+            if options and "default" in options[0]}

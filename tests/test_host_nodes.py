@@ -109,9 +109,7 @@ def test_non_flow_models_are_refused_by_every_node(flux):
 def train_node(model, positive, latent, **overrides):
     """TrainShortcut with tiny-model settings; every other input at its default."""
     cls = type(node("TrainShortcut"))
-    spec = cls.INPUT_TYPES()
-    values = {name: options[0]["default"] for name, (kind, *options) in spec["required"].items()
-              if options and "default" in options[0]}
+    values = comfy_host.widget_defaults(cls)
     values.update(resume_lora="(none)", rank=4, alpha=4.0, batch_size=2, learning_rate=1e-3, steps=3,
                   checkpoint_every=2, save_name="test_shortcut")
     values.update(overrides)

@@ -12,6 +12,7 @@ import torch
 
 import comfy_host
 from hashing import module_hash
+from test_host_nodes import train_node
 
 SHIFT = 1.0  # 16 tokens: the uniform schedule (Flux's 3.25 is for 4096)
 
@@ -62,7 +63,6 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
-    import nodes
     patcher, positive = teacher
     net = patcher.model.diffusion_model
     before_hash = module_hash(net)
@@ -71,17 +71,13 @@ def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
 
     # data-free, as workflow (c): the teacher's own samples are the training latents
     data = {"samples": _samples(patcher, positive, 32, seed=7, count=64)}
-    train = nodes.NODE_CLASS_MAPPINGS["TrainShortcut"]
-    spec = train.INPUT_TYPES()["required"]
-    values = {name: options[0]["default"] for name, (kind, *options) in spec.items() if options and "default" in options[0]}
     # tiny-model settings (rank, lr, faster EMAs, more teacher items) for a 300-step run; the rest are defaults
-    values.update(resume_lora="(none)", steps=300, batch_size=32, learning_rate=1e-3, rank=16, alpha=16.0,
-                  teacher_ratio=0.7,
-                  checkpoint_every=0, save_name="teacher_test", shift_min=SHIFT, shift_max=SHIFT,
-                  resolution_shift_prob=0.0, guidance_min=3.5, guidance_max=3.5, ema_slow_decay=0.99,
-                  ema_fast_decay=0.9, gradient_checkpointing=False, sample_shift=SHIFT)
     with comfy_host.host_folders(loras=tmp_path):
-        model, lora, loss, plot, steps = train().train(model=patcher, latents=data, positive=positive, **values)
+        model, lora, loss, plot, steps = train_node(
+            patcher, positive, data, steps=300, batch_size=32, learning_rate=1e-3, rank=16, alpha=16.0,
+            teacher_ratio=0.7, checkpoint_every=0, save_name="teacher_test", shift_min=SHIFT, shift_max=SHIFT,
+            resolution_shift_prob=0.0, guidance_min=3.5, guidance_max=3.5, ema_slow_decay=0.99,
+            ema_fast_decay=0.9, gradient_checkpointing=False, sample_shift=SHIFT)
     assert module_hash(net) == before_hash  # training left the teacher's weights bit for bit
     after = _rmse(_samples(model, positive, 3), reference)
     print(f"\n3-step RMSE to the teacher's 64-step samples: teacher {before:.4f}, shortcut {after:.4f} "
