@@ -17,6 +17,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.append(str(PROJECT_ROOT))
 
 import comfy_host  # noqa: E402
+import comfy_server  # noqa: E402
 
 _host_skips: list[str] = []
 
@@ -51,16 +52,23 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_runtest_logreport(report):
     if report.skipped and "host" in report.keywords:
-        _host_skips.append(report.nodeid)
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _host_skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    path, why = comfy_host.find_comfyui()
+    for shot in comfy_server.SCREENSHOTS:  # the browser tests', when they ran
+        terminalreporter.write_line(f"frontend screenshot: {shot}")
+    path, _ = comfy_host.find_comfyui()
     if _host_skips:
-        _, reason = comfy_host.start_comfyui() if path is not None else (None, why)
         bar = "!" * 78
         terminalreporter.write_line(bar, red=True, bold=True)
-        terminalreporter.write_line(f"!! {len(_host_skips)} HOST TESTS SKIPPED: {reason or why}", red=True, bold=True)
+        terminalreporter.write_line(f"!! {len(_host_skips)} HOST TESTS SKIPPED", red=True, bold=True)
+        reasons: dict[str, int] = {}
+        for _, reason in _host_skips:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, count in reasons.items():
+            terminalreporter.write_line(f"!!   {count}: {reason}", red=True, bold=True)
         terminalreporter.write_line("!! Node and ComfyUI-integration behaviour was NOT tested in this run.", red=True, bold=True)
         terminalreporter.write_line(bar, red=True, bold=True)
     else:
@@ -72,6 +80,14 @@ def pack(comfyui):
     """ComfyUI's built-in nodes and this pack, loaded through the host's own custom-node loader."""
     comfy_host.load_builtin_nodes()
     return comfy_host.load_pack()
+
+
+@pytest.fixture(scope="module")
+def mappings(pack):
+    """Every node class the host knows: its built-ins and this pack's."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture()

@@ -11,116 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import enum
-import json
-from pathlib import Path
 
 import pytest
 
 import comfy_host
-
-WORKFLOWS = sorted((comfy_host.PROJECT_ROOT / "workflows").glob("*.json"))
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # the browser's own nodes: never queued
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-TITLE_H = 30  # LiteGraph draws a node's title bar above its pos
-
-# What the workflows reference, created as empty placeholders for validation.
-MODEL_FILES = {
-    "diffusion_models": ["flux1-dev.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
-    "loras": ["flux-scfm-3step.safetensors"],
-}
-INPUT_SUBFOLDERS = ["shortcut_fewshot"]
-
-
-def _load(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _norm(t):
-    """IO enums (V3 and typed V1 nodes) and plain strings alike."""
-    return t.value if isinstance(t, enum.Enum) else t
-
-
-def _input_specs(cls) -> list[tuple[str, tuple, str]]:
-    """(name, spec, 'required'|'optional') in INPUT_TYPES order."""
-    it = cls.INPUT_TYPES()
-    return [(name, spec, section) for section in ("required", "optional") for name, spec in it.get(section, {}).items()]
-
-
-def _opts(spec) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-
-
-def _type_name(spec) -> str:
-    return "COMBO" if isinstance(spec[0], list) else _norm(spec[0])
-
-
-def _is_widget(spec) -> bool:
-    return _type_name(spec) in WIDGET_TYPES and not _opts(spec).get("forceInput")
-
-
-def _has_control(name: str, spec) -> bool:
-    """The frontend adds a control_after_generate widget (fixed/randomize/...) after an INT that asks for one,
-    and, by legacy convention, after any INT named seed or noise_seed that does not say otherwise."""
-    return _type_name(spec) == "INT" and _opts(spec).get("control_after_generate", name in ("seed", "noise_seed"))
-
-
-def _widgets(cls) -> list[tuple[str, bool]]:
-    """(widget name, followed by a control value?) in widgets_values order."""
-    return [(name, _has_control(name, spec)) for name, spec, _ in _input_specs(cls) if _is_widget(spec)]
-
-
-def _outputs(cls) -> list[tuple[str, str]]:
-    types = [_norm(t) for t in cls.RETURN_TYPES]
-    names = list(getattr(cls, "RETURN_NAMES", None) or types)
-    return list(zip(names, types))
-
-
-def _to_prompt(workflow: dict, mappings: dict) -> dict:
-    """The API prompt the frontend queues for a UI workflow (graphToPrompt)."""
-    by_id = {n["id"]: n for n in workflow["nodes"]}
-    links = {l[0]: l for l in workflow["links"]}
-
-    def source(link_id):
-        """[node id, slot] feeding a link, through Reroutes; a PrimitiveNode gives its value instead."""
-        _, node_id, slot, *_ = links[link_id]
-        node = by_id[node_id]
-        while node["type"] == "Reroute":
-            _, node_id, slot, *_ = links[node["inputs"][0]["link"]]
-            node = by_id[node_id]
-        if node["type"] == "PrimitiveNode":
-            return node["widgets_values"][0]
-        return [str(node_id), slot]
-
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):  # muted / bypassed
-            continue
-        cls = mappings[node["type"]]
-        inputs = {}
-        values = list(node.get("widgets_values") or [])
-        i = 0
-        for name, control in _widgets(cls):
-            inputs[name] = values[i]
-            i += 2 if control else 1
-        for inp in node.get("inputs", []):
-            if inp.get("link") is not None:
-                inputs[inp["name"]] = source(inp["link"])
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
-                                   "_meta": {"title": node.get("title", node["type"])}}
-    return prompt
-
-
-@pytest.fixture(scope="module")
-def mappings(comfyui):
-    comfy_host.load_builtin_nodes()
-    comfy_host.load_pack()
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS
-
+from workflow_files import (FRONTEND_ONLY, INPUT_SUBFOLDERS, MODEL_FILES, WORKFLOWS, input_specs, is_widget,
+                            TITLE_H, class_outputs, class_widgets, load, to_prompt, type_name)
 
 @pytest.fixture()
 def placeholder_files(comfyui, tmp_path):
@@ -155,7 +51,7 @@ def test_there_are_example_workflows():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_graph_is_consistent(path):
-    wf = _load(path)
+    wf = load(path)
     assert wf.get("version") == 0.4
     ids = [n["id"] for n in wf["nodes"]]
     assert len(ids) == len(set(ids)), "duplicate node ids"
@@ -190,7 +86,7 @@ def test_workflow_graph_is_consistent(path):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_layout_is_readable(path):
     """No two nodes overlap (title bars included), every link runs left to right, and there is a note."""
-    wf = _load(path)
+    wf = load(path)
     rects = {n["id"]: (n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
              for n in wf["nodes"]}
     ids = sorted(rects)
@@ -206,29 +102,29 @@ def test_workflow_layout_is_readable(path):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_nodes_match_their_classes(path, mappings):
-    wf = _load(path)
+    wf = load(path)
     for node in wf["nodes"]:
         where = f"node {node['id']} ({node['type']})"
         if node["type"] in FRONTEND_ONLY:
             continue
         assert node["type"] in mappings, f"{where}: no such node type in ComfyUI + this pack"
         cls = mappings[node["type"]]
-        outputs = _outputs(cls)
+        outputs = class_outputs(cls)
         assert [(o["name"], o["type"]) for o in node.get("outputs", [])] == outputs, where
-        specs = {name: spec for name, spec, _ in _input_specs(cls)}
+        specs = {name: spec for name, spec, _ in input_specs(cls)}
         for inp in node.get("inputs", []):
             assert inp["name"] in specs, f"{where}: unknown input {inp['name']}"
             spec = specs[inp["name"]]
-            assert inp["type"] == _type_name(spec), f"{where}: input {inp['name']} type"
+            assert inp["type"] == type_name(spec), f"{where}: input {inp['name']} type"
             if "widget" in inp:
-                assert _is_widget(spec) and inp["widget"]["name"] == inp["name"], f"{where}: {inp['name']}"
+                assert is_widget(spec) and inp["widget"]["name"] == inp["name"], f"{where}: {inp['name']}"
             else:
-                assert not _is_widget(spec), f"{where}: widget {inp['name']} listed as a plain input"
+                assert not is_widget(spec), f"{where}: widget {inp['name']} listed as a plain input"
         listed = {inp["name"] for inp in node.get("inputs", [])}
-        for name, spec, section in _input_specs(cls):
-            if not _is_widget(spec) and section == "required":
+        for name, spec, section in input_specs(cls):
+            if not is_widget(spec) and section == "required":
                 assert name in listed, f"{where}: required input {name} has no slot"
-        widgets = _widgets(cls)
+        widgets = class_widgets(cls)
         expected = len(widgets) + sum(control for _, control in widgets)
         assert len(node.get("widgets_values") or []) == expected, \
             f"{where}: {len(node.get('widgets_values') or [])} widget values, the class has {expected}"
@@ -242,7 +138,7 @@ def test_workflow_nodes_match_their_classes(path, mappings):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_passes_the_hosts_prompt_validation(path, mappings, placeholder_files):
-    prompt = _to_prompt(_load(path), mappings)
+    prompt = to_prompt(load(path), mappings)
     outputs = _output_nodes(prompt, mappings)
     assert outputs
     valid, error, good_outputs, node_errors = _validate(prompt)
@@ -256,7 +152,7 @@ def _recipe(prompt, class_type):
 
 
 def test_workflows_follow_their_recipes(mappings):
-    prompts = {p.name: _to_prompt(_load(p), mappings) for p in WORKFLOWS}
+    prompts = {p.name: to_prompt(load(p), mappings) for p in WORKFLOWS}
 
     a = prompts["flux_3step_shortcut_lora.json"]
     [(loader_id, loader)] = _recipe(a, "ShortcutLoRALoader")
@@ -295,16 +191,16 @@ def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, plac
     """A ShortcutSampler steps widget of 0 (min 1) is caught: the validator really checks our inputs."""
     checked = 0
     for path in WORKFLOWS:
-        wf = _load(path)
+        wf = load(path)
         for node in wf["nodes"]:
             if node["type"] != "ShortcutSampler" or any(i["name"] == "steps" and i.get("link") is not None
                                                         for i in node.get("inputs", [])):
                 continue
             bad = copy.deepcopy(wf)
             target = next(n for n in bad["nodes"] if n["id"] == node["id"])
-            names = [name for name, control in _widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
+            names = [name for name, control in class_widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
             target["widgets_values"][names.index("steps")] = 0
-            prompt = _to_prompt(bad, mappings)
+            prompt = to_prompt(bad, mappings)
             valid, error, good_outputs, node_errors = _validate(prompt)
             sid = str(node["id"])
             assert sid in node_errors, (path.name, node_errors)
@@ -320,11 +216,11 @@ def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, plac
 
 def test_a_linked_steps_widget_ignores_its_own_value(mappings, placeholder_files):
     """Where the loader drives ShortcutSampler's steps, the widget value is not what is queued."""
-    wf = _load(comfy_host.PROJECT_ROOT / "workflows" / "flux_3step_shortcut_lora.json")
+    wf = load(comfy_host.PROJECT_ROOT / "workflows" / "flux_3step_shortcut_lora.json")
     [sampler] = [n for n in wf["nodes"] if n["type"] == "ShortcutSampler"]
-    names = [name for name, control in _widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
+    names = [name for name, control in class_widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
     sampler["widgets_values"][names.index("steps")] = 0
-    prompt = _to_prompt(wf, mappings)
+    prompt = to_prompt(wf, mappings)
     assert isinstance(prompt[str(sampler["id"])]["inputs"]["steps"], list)
     valid, error, _, node_errors = _validate(prompt)
     assert (valid, node_errors) == (True, {})
