@@ -1,0 +1,172 @@
+"""The real ComfyUI server (its own main.py) with this pack installed, and headless Chromium on its frontend.
+
+For the `browser` tests: the server runs as a child process in its own process group on a free loopback
+port, with a temporary --base-directory whose custom_nodes/ links this project as `shortcut-flow` (a
+clone's usual name); the browser is Debian's chromium driven by the playwright package. Every wait is
+bounded, and both are always stopped, their whole process trees with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from comfy_host import PROJECT_ROOT
+
+PACK_NAME = "shortcut-flow"
+CHROMIUM = "/usr/bin/chromium"
+# The flags of a browser that must stay on this machine: nothing in the background phones home.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+# Frontend settings of a user who has used ComfyUI before: no first-run template browser over the canvas,
+# node text drawn at any zoom (the screenshots are read), and the two canvas-navigation values already set.
+# Without the last two, frontend 1.27.10 throws on every start of a new profile ("Cannot read properties of
+# undefined (reading 'id')": its NavigationMode setting writes them before they are registered), whatever
+# custom nodes are installed; with them any page error is ours to explain.
+SCREENSHOTS: list[str] = []  # saved by the browser tests, printed at the end of the run
+
+USER_SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+    "Comfy.Canvas.MouseWheelScroll": "zoom",
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,
+    "Comfy.Minimap.Visible": False,
+}
+
+
+def browser_missing() -> str | None:
+    """Why headless Chromium cannot be driven here, or None."""
+    if not Path(CHROMIUM).is_file():
+        return f"no {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install playwright; its own browser download is not needed)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 30.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read().decode("utf-8"))
+
+
+def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class ComfyServer:
+    """`with ComfyServer(comfyui_root, base_dir) as server:` a running server at server.url."""
+
+    def __init__(self, comfyui_root: Path, base_dir: Path, start_timeout: float = 240.0):
+        self.root, self.base_dir, self.start_timeout = Path(comfyui_root), Path(base_dir), start_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.base_dir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def _prepare(self) -> None:
+        custom_nodes = self.base_dir / "custom_nodes"
+        custom_nodes.mkdir(parents=True, exist_ok=True)
+        link = custom_nodes / PACK_NAME
+        if not link.exists():
+            link.symlink_to(PROJECT_ROOT, target_is_directory=True)
+        settings = self.base_dir / "user" / "default" / "comfy.settings.json"
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(USER_SETTINGS), encoding="utf-8")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no server log)"
+
+    def __enter__(self) -> "ComfyServer":
+        self._prepare()
+        log = open(self.log_path, "wb")
+        command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                   "--base-directory", str(self.base_dir), "--disable-auto-launch",
+                   # the database would otherwise be written into the ComfyUI tree itself
+                   "--database-url", "sqlite:///:memory:"]
+        self.process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        try:
+            self._wait_until_up()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI's server exited with {self.process.returncode} while starting:\n"
+                                   f"{self.log_tail()}")
+            try:
+                get_json(self.url + "/api/system_stats", timeout=5.0)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI's server did not answer within {self.start_timeout:.0f} s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+
+@contextlib.contextmanager
+def chromium(origin: str):
+    """A headless Chromium (playwright) whose pages may only reach `origin`: every other request is
+    aborted, so a test never sends traffic off this machine."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
+        try:
+            context = browser.new_context(viewport={"width": 1920, "height": 1080})
+            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(origin)
+                          else route.abort())
+            yield context
+        finally:
+            browser.close()
+
+
+def place_model_files(base_dir: Path, files: dict[str, list[str]], input_subfolders: list[str]) -> None:
+    """Empty files under base_dir/models/<folder>/ and input folders, as a user who has the models has them."""
+    for folder, names in files.items():
+        (base_dir / "models" / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (base_dir / "models" / folder / name).write_bytes(b"")
+    for sub in input_subfolders:
+        (base_dir / "input" / sub).mkdir(parents=True, exist_ok=True)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

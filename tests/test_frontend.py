@@ -1,0 +1,132 @@
+"""The pack in ComfyUI's real server and real frontend, as a user meets it (marker `browser`).
+
+ComfyUI's own main.py serves the pack from a temporary --base-directory; its HTTP API must list every
+node with a tooltip on every input and every workflow as a template; then headless Chromium opens
+each workflow, fetched from the template route the templates browser uses, in the real frontend and
+finds every node type known, no error thrown, the API prompt the Run button would queue equal to the
+one the in-process tests validate, and the widget values as the file has them. One screenshot per
+workflow is saved and its path printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import comfy_server
+from workflow_files import FRONTEND_ONLY, INPUT_SUBFOLDERS, MODEL_FILES, WORKFLOWS, load, to_prompt
+
+pytestmark = pytest.mark.browser
+
+APP_READY_MS = 120_000  # a 2-core CPU builds the frontend in about 5 s; a cold disk can take far longer
+TEMPLATES = f"/api/workflow_templates/{comfy_server.PACK_NAME}"
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, tmp_path_factory):
+    why = comfy_server.browser_missing()
+    if why is not None:
+        if os.environ.get("SHORTCUT_FLOW_REQUIRE_HOST") == "1":
+            pytest.fail(f"browser test needs headless Chromium: {why}")
+        pytest.skip(f"BROWSER TEST SKIPPED: {why}")
+    base = tmp_path_factory.mktemp("comfyui-base")
+    # The workflows' model files and dataset folder exist, as for a user who has downloaded them.
+    comfy_server.place_model_files(base, MODEL_FILES, INPUT_SUBFOLDERS)
+    with comfy_server.ComfyServer(comfyui, base) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    with comfy_server.chromium(server.url) as context:
+        yield context
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return comfy_server.get_json(server.url + "/api/object_info")
+
+
+def test_object_info_lists_every_node_of_the_pack_with_tooltips(object_info, pack):
+    ours = {name for name, info in object_info.items()
+            if info.get("python_module") == f"custom_nodes.{comfy_server.PACK_NAME}"}
+    assert ours == set(pack.NODE_CLASS_MAPPINGS), "the server's node list differs from the pack's"
+    for name in sorted(ours):
+        info = object_info[name]
+        assert info["description"], f"{name}: no description"
+        assert info["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[name]
+        inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        assert inputs, name
+        for input_name, spec in inputs.items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            assert str(options.get("tooltip", "")).strip(), f"{name}.{input_name}: no tooltip"
+
+
+def test_workflow_templates_list_every_workflow(server):
+    templates = comfy_server.get_json(server.url + "/api/workflow_templates")
+    assert sorted(templates.get(comfy_server.PACK_NAME, [])) == sorted(p.stem for p in WORKFLOWS), templates
+    for path in WORKFLOWS:  # the template route serves the file itself
+        assert comfy_server.get_json(f"{server.url}{TEMPLATES}/{path.name}") == load(path)
+
+
+def _open_app(browser, url: str):
+    page = browser.new_page()
+    page_errors: list[str] = []
+    console_errors: list[str] = []
+    page.on("pageerror", lambda error: page_errors.append(error.stack or str(error)))
+    # Resources the server does not have (user.css, empty user folders) and blocked off-machine requests
+    # are the browser's network log, not errors of the page.
+    page.on("console", lambda message: console_errors.append(message.text)
+            if message.type == "error" and not message.text.startswith("Failed to load resource") else None)
+    page.goto(url, timeout=60_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=APP_READY_MS)
+    return page, page_errors, console_errors
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tmp_path_factory):
+    workflow = load(path)
+    page, page_errors, console_errors = _open_app(browser, server.url)
+    try:
+        registered = page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")
+        missing = sorted({n["type"] for n in workflow["nodes"]} - set(registered))
+        assert not missing, f"node types the frontend does not know: {missing}"
+
+        # Loaded as the templates browser loads it: the JSON the server's template route gives.
+        page.evaluate("""async (url) => {
+            const workflow = await (await fetch(url)).json();
+            await window.app.loadGraphData(workflow);
+        }""", f"{server.url}{TEMPLATES}/{path.name}")
+        page.wait_for_timeout(500)  # let the canvas draw before the screenshot
+
+        shot = tmp_path_factory.mktemp("screenshots") / f"{path.stem}.png"
+        page.screenshot(path=str(shot))
+        comfy_server.SCREENSHOTS.append(str(shot))
+
+        dialogs = page.evaluate("""() => Array.from(document.querySelectorAll('.p-dialog'))
+                                       .map(d => d.innerText.slice(0, 300))""")
+        assert not dialogs, f"the frontend opened dialogs (missing nodes or models?): {dialogs}"
+
+        loaded = page.evaluate("() => window.app.graph.serialize()")
+        by_id = {n["id"]: n for n in loaded["nodes"]}
+        assert set(by_id) == {n["id"] for n in workflow["nodes"]}
+        for node in workflow["nodes"]:
+            got = by_id[node["id"]]
+            assert got["type"] == node["type"]
+            assert got.get("widgets_values") == node.get("widgets_values"), \
+                f"node {node['id']} ({node['type']}): the frontend's widget values differ from the file's"
+
+        queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        expected = to_prompt(workflow, mappings)
+        assert set(queued) == {str(n["id"]) for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY}
+        for node_id, entry in expected.items():
+            assert queued[node_id]["class_type"] == entry["class_type"]
+            assert queued[node_id]["inputs"] == entry["inputs"], \
+                f"node {node_id} ({entry['class_type']}): the queued inputs differ from the file's"
+
+        assert not page_errors, "the frontend threw:\n" + "\n\n".join(page_errors)
+        assert not console_errors, "the frontend logged errors:\n" + "\n".join(console_errors)
+    finally:
+        page.close()
+
