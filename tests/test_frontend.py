@@ -70,6 +70,16 @@ def test_workflow_templates_list_every_workflow(server):
         assert comfy_server.get_json(f"{server.url}{TEMPLATES}/{path.name}") == load(path)
 
 
+def test_every_model_a_workflow_names_is_listed_by_the_server(server):
+    """What the frontend's Missing Models check asks of the server, for each loader's properties.models."""
+    named = {(m["directory"], m["name"]) for path in WORKFLOWS for node in load(path)["nodes"]
+             for m in node.get("properties", {}).get("models", [])}
+    assert named
+    for directory, name in sorted(named):
+        listed = {m["name"] for m in comfy_server.get_json(f"{server.url}/api/experiment/models/{directory}")}
+        assert name in listed, f"{directory}/{name}: not listed by the server ({sorted(listed)})"
+
+
 def _open_app(browser, url: str):
     page = browser.new_page()
     page_errors: list[str] = []
