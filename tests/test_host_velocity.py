@@ -59,7 +59,9 @@ def _compare(host, model, positive, negative, cfg, guidance=None):
         xi, ti = x[row:row + 1], t[row:row + 1]
         want = _in_guider(host, model, pos, neg, cfg, latents[i:i + 1],
                           lambda mw, ea: (xi - mw(xi, ti, **ea)) / ti.reshape(-1, 1, 1, 1))
-        torch.testing.assert_close(got[row:row + 1], want, rtol=1e-4, atol=1e-5)
+        # v is read back as (x - denoised) / t: float32 rounding of a batched against a one-item forward
+        # grows as 1 / t and with true CFG (seen: up to 1.9e-5 in one element of 1024, depending on test order)
+        torch.testing.assert_close(got[row:row + 1], want, rtol=1e-4, atol=2e-5 / ti.item())
     return got
 
 
