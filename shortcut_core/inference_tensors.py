@@ -4,8 +4,9 @@ ComfyUI runs every node under inference_mode, so the weights of a model it loads
 tensors. Autograd refuses to save those for backward, and a frozen linear saves its weight to
 pass the gradient on to its input: a LoRA upstream of such a weight could not learn through it.
 For the duration of a training run each such parameter or buffer is replaced by an ordinary
-tensor that aliases its storage (`Tensor.set_`; no bytes are copied), and the original objects
-are put back afterwards, so the module ends exactly as it was.
+tensor that aliases its storage (`Tensor.set_`; no bytes are copied) and carries the original's
+Python attributes, and the original objects are put back afterwards, so the module ends exactly
+as it was.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ def _alias(t: torch.Tensor) -> torch.Tensor | None:
                                                                        t.size(), t.stride())
     except (RuntimeError, TypeError):
         return None
-    return nn.Parameter(alias, requires_grad=False) if isinstance(t, nn.Parameter) else alias
+    alias = nn.Parameter(alias, requires_grad=False) if isinstance(t, nn.Parameter) else alias
+    # Attributes a host set on its weights travel with them: newer ComfyUI reads a weight's
+    # `_model_dtype` to size the GPU copy it streams the weight into.
+    alias.__dict__.update(t.__dict__)
+    return alias
 
 
 class InferenceTensorAliases:

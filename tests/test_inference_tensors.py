@@ -76,3 +76,19 @@ def test_aliases_share_storage_and_the_originals_come_back():
         aliases.restore()
     assert dict(net.named_parameters()) == originals
     assert all(p.is_inference() for p in net.parameters())
+
+
+def test_aliases_keep_the_attributes_a_host_set_on_its_weights():
+    """Newer ComfyUI tags each weight with `_model_dtype` (dynamic VRAM sizes its GPU copy by it)."""
+    net = _inference_net()
+    net.hidden.weight._model_dtype = torch.bfloat16
+    net.norm.bias.note = {"set by": "host"}
+    aliases = InferenceTensorAliases(net)
+    try:
+        assert not net.hidden.weight.is_inference()
+        assert net.hidden.weight._model_dtype is torch.bfloat16
+        assert net.norm.bias.note == {"set by": "host"}
+        assert not hasattr(net.inp.weight, "_model_dtype")
+    finally:
+        aliases.restore()
+    assert net.hidden.weight.is_inference() and net.hidden.weight._model_dtype is torch.bfloat16
