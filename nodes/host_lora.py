@@ -135,8 +135,12 @@ def flux_diffusers_export_map(model) -> dict[str, list[ExportPart]]:
         host_key, offset, function = (tuple(target) + (None, None))[:3]
         if not host_key.endswith(".weight") or not host_key.startswith(HOST_PREFIX):
             continue  # norm scales and the like: no LoRA lives there
-        path = host_key[len(HOST_PREFIX):-len(".weight")]
-        out.setdefault(path, []).append((diffusers_key[:-len(".weight")], offset, function))
+        parts = out.setdefault(host_key[len(HOST_PREFIX):-len(".weight")], [])
+        # Newer hosts also read other names for weights that already have one, listed after it
+        # (LyCoris `ff.linear_in`, Flux 2 `attn.to_qkv_mlp_proj` for all of linear1, ...): a name
+        # over rows an earlier name already covers is such an alias, and the file keeps the first.
+        if not any(_rows_overlap(offset, taken) for _, taken, _ in parts):
+            parts.append((diffusers_key[:-len(".weight")], offset, function))
     for parts in out.values():
         parts.sort(key=lambda part: (part[1] or (0, 0, 0))[1])
     return out
@@ -161,6 +165,13 @@ def save_diffusers_flux(path: str | os.PathLike, lora: LoraState, model, metadat
             split[name] = LoraWeights(w.down, up, w.alpha)
     key_map = {name: DIFFUSERS_PREFIX + name for name in split}
     save_lora(path, split, metadata=metadata, key_map=key_map, style="peft", write_alpha=False)
+
+
+def _rows_overlap(a: Offset | None, b: Offset | None) -> bool:
+    """Whether two parts of a weight (None: all of it) share output rows."""
+    if a is None or b is None or a[0] != b[0]:
+        return True
+    return a[1] < b[1] + b[2] and b[1] < a[1] + a[2]
 
 
 def _check_cover(module_path: str, parts: list[ExportPart], rows: int) -> None:

@@ -254,3 +254,48 @@ def test_host_key_map_and_export_map_come_from_the_host(host, flux, lora):
                                            ("transformer_blocks.0.attn.to_v", (0, 128, 64))]
     ((name, offset, function),) = export["final_layer.adaLN_modulation.1"]
     assert (name, offset, function) == ("norm_out.linear", None, comfy.utils.swap_scale_shift)
+
+
+# Names newer ComfyUI's flux_to_diffusers (0.38.1) also reads, each listed after the name it repeats: LyCoris
+# LoKr names for the MLPs of double blocks and Flux 2 names for a single block's linear1 (whole) and linear2.
+NEWER_HOST_ALIASES = {
+    "ff.net.0.proj.weight": "ff.linear_in.weight", "ff.net.0.proj.bias": "ff.linear_in.bias",
+    "ff.net.2.weight": "ff.linear_out.weight", "ff.net.2.bias": "ff.linear_out.bias",
+    "ff_context.net.0.proj.weight": "ff_context.linear_in.weight",
+    "ff_context.net.0.proj.bias": "ff_context.linear_in.bias",
+    "ff_context.net.2.weight": "ff_context.linear_out.weight", "ff_context.net.2.bias": "ff_context.linear_out.bias",
+    "attn.to_q.weight": "attn.to_qkv_mlp_proj.weight",  # in the middle of linear1's four parts
+    "proj_out.weight": "attn.to_out.weight",
+}
+
+
+def _with_newer_aliases(flux_to_diffusers):
+    def table(mmdit_config, output_prefix=""):
+        out = {}
+        for key, target in flux_to_diffusers(mmdit_config, output_prefix=output_prefix).items():
+            out[key] = target
+            block, name = key.split(".")[0], key.split(".", 2)[-1]
+            if block in ("transformer_blocks", "single_transformer_blocks") and name in NEWER_HOST_ALIASES:
+                whole = target if isinstance(target, str) else target[0]
+                out[key[: -len(name)] + NEWER_HOST_ALIASES[name]] = whole
+        return out
+    return table
+
+
+def test_diffusers_export_ignores_the_alias_names_of_newer_hosts(host, flux, lora, tmp_path, monkeypatch):
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    model, _, _ = flux
+    plain = host.flux_diffusers_export_map(model)
+    host.save_diffusers_flux(tmp_path / "plain.safetensors", lora, model)
+    monkeypatch.setattr(comfy.utils, "flux_to_diffusers", _with_newer_aliases(comfy.utils.flux_to_diffusers))
+    table = comfy.utils.flux_to_diffusers(model.model_config.unet_config, output_prefix="diffusion_model.")
+    assert "single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight" in table  # the aliases are there
+    assert "transformer_blocks.0.ff_context.linear_out.weight" in table
+
+    assert host.flux_diffusers_export_map(model) == plain
+    host.save_diffusers_flux(tmp_path / "newer.safetensors", lora, model)
+    a, b = load_file(str(tmp_path / "plain.safetensors")), load_file(str(tmp_path / "newer.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [k for k in b if "linear_in" in k or "to_qkv_mlp_proj" in k or ".attn.to_out.lora_" in k]
