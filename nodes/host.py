@@ -11,6 +11,7 @@ velocity is read back from it in float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -43,15 +44,30 @@ class HostInputError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- models
 def require_flow_model(model, input_name: str = "model") -> None:
-    """Refuse models that do not predict a flow velocity (SD1.5, SDXL: eps / v-prediction)."""
+    """Refuse models that do not predict a flow velocity: SD1.5 / SDXL (eps, v-prediction), and the
+    CONST subclasses of newer hosts whose output is not one (IMG_TO_IMG_FLOW predicts x0,
+    IMG_TO_IMG_VELOCITY a whole jump x - output)."""
     sampling = model.get_model_object("model_sampling")
-    if not isinstance(sampling, comfy.model_sampling.CONST):
-        # the prediction type is the first of the host's comfy.model_sampling classes in the MRO
-        kinds = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__]
-        kind = next((k for k in kinds if k.isupper() or k in ("EDM", "IMG_TO_IMG")), kinds[0] if kinds else "?")
-        raise HostInputError(
-            f"{input_name}: this {type(model.model).__name__} model predicts {kind}, not a flow velocity (CONST). "
-            f"Shortcut LoRAs work on flow-matching models: Flux, SD3/3.5, Chroma, Lumina, Qwen-Image, ...")
+    # the prediction type is the first of the host's comfy.model_sampling classes in the MRO
+    kinds = [c.__name__ for c in type(sampling).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+    kind = next((k for k in kinds if k.isupper() or k in ("EDM", "IMG_TO_IMG")), kinds[0] if kinds else "?")
+    if isinstance(sampling, comfy.model_sampling.CONST) and _denoises_as_velocity(sampling):
+        return
+    raise HostInputError(
+        f"{input_name}: this {type(model.model).__name__} model predicts {kind}, not a flow velocity (CONST, "
+        f"denoised = x - t * v). Shortcut LoRAs work on flow-matching models: Flux, SD3/3.5, Chroma, Lumina, "
+        f"Qwen-Image, ... (check any ModelSampling node before this one)")
+
+
+def _denoises_as_velocity(sampling) -> bool:
+    """Whether the host turns the network output v into denoised = x - t * v, CONST's own rule: asked of
+    the model's sampling object itself, so a subclass that overrides it is caught whatever its name."""
+    x, v, t = torch.tensor([[0.25, -1.0]]), torch.tensor([[1.5, 0.5]]), torch.tensor([0.5])
+    try:
+        denoised = sampling.calculate_denoised(t, v, x)
+    except Exception:  # noqa: BLE001 - any failure means it is not the rule we rely on
+        return False
+    return isinstance(denoised, torch.Tensor) and torch.allclose(denoised.float(), x - t * v)
 
 
 def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
@@ -263,10 +279,12 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     """SCFM on a ComfyUI model inside the graph. The shared network is used in place and left
     exactly as it was (adapters removed, weights untouched), also on errors and interrupts."""
     require_flow_model(model)
+    require_trainable(model)
     latents = one_size_batch(latents)
+    model = fully_loadable(model)
     guider = make_guider(model, positive, negative, run.cfg)
     sampler = _TrainingSampler(run)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), host_training_mode():
         latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
         # The adapters live beside every weight on the load device, so the whole model goes there
         # (the host's TrainLoraNode does the same); fp8-stored weights stay fp8 and are cast at use.
@@ -279,6 +297,53 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
                       torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
     assert sampler.result is not None
     return sampler.result
+
+
+# What newer hosts do differently (read in ComfyUI 0.38.1's source; 0.3.64, tested here, has none of it).
+def require_trainable(model, input_name: str = "model") -> None:
+    """Refuse what the trainer cannot follow: a noise scale other than 1 (the host's ModelNoiseScale:
+    its samplers scale the noise, the SCFM objective's x_t does not), and MultiGPU clones (the host
+    runs those forwards under no_grad: no gradient would reach the LoRA)."""
+    scale = getattr(model.get_model_object("model_sampling"), "noise_scale", 1.0)
+    if not math.isclose(float(scale), 1.0):
+        raise HostInputError(f"{input_name}: its noise scale is {scale} (a ModelNoiseScale node); SCFM trains at "
+                             f"noise scale 1: train on the model without that node and add it after training")
+    if "multigpu_clones" in model.model_options:
+        raise HostInputError(f"{input_name}: has MultiGPU clones, whose forwards the host runs without gradients; "
+                             f"TrainShortcut trains on one device: connect the model before the MultiGPU node")
+
+
+def fully_loadable(model):
+    """The patcher to train through. With dynamic VRAM (newer hosts, on by default on NVIDIA with torch
+    >= 2.8) weights stay off the GPU and are copied in per operation, so adapters would sit on another
+    device than their inputs and autograd could keep weights the host reuses. Training then runs on the
+    patcher's non-dynamic delegate, the host's own route for conds with hooks: the same weights and
+    patches, fully loadable (the host may hold a second copy in RAM while it exists)."""
+    if not getattr(model, "is_dynamic", lambda: False)():
+        return model
+    try:
+        return model.get_non_dynamic_delegate()
+    except Exception as e:  # noqa: BLE001 - e.g. the host's RuntimeError for a patcher no core loader made
+        raise HostInputError(f"model: ComfyUI streams this model's weights to the GPU on demand (dynamic VRAM), "
+                             f"which training cannot run through, and no fully loaded copy could be made "
+                             f"({type(e).__name__}: {e}). Start ComfyUI with --disable-dynamic-vram to train, "
+                             f"or load the model with a core loader (Load Diffusion Model / Load Checkpoint)") from e
+
+
+@contextlib.contextmanager
+def host_training_mode():
+    """Newer hosts switch some ops to autograd-safe paths (no views into reused cast buffers, residuals
+    out of place) while comfy.model_management.in_training is set; their TrainLoraNode sets it too."""
+    management = comfy.model_management
+    if not hasattr(management, "in_training"):
+        yield
+        return
+    before = management.in_training
+    management.in_training = True
+    try:
+        yield
+    finally:
+        management.in_training = before
 
 
 _EMPTY_DATASET = "latents: the dataset is empty; connect at least one latent (VAE Encode of an image)"
