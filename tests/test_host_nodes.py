@@ -78,7 +78,8 @@ def test_sampler_reports_progress_and_stops_on_the_ui_cancel(flux):
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: calls.append((value, total)))
     try:
         node("ShortcutSampler").sample(patcher, positive, latent, 0, 4, 3.25, False, 1.0, 1.0)
-        assert calls[-1] == (4, 4) and len(calls) == 4
+        # newer hosts throttle bar updates (at most every 0.1 s and 0.5 %); the last one always comes
+        assert calls[-1] == (4, 4) and {total for _, total in calls} == {4} and calls == sorted(calls)
         comfy.model_management.interrupt_current_processing(True)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             node("ShortcutSampler").sample(patcher, positive, latent, 0, 4, 3.25, False, 1.0, 1.0)
@@ -179,30 +180,35 @@ def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites
         train_node(patcher, positive, latents, steps=1, save_name="../escape")
 
 
-def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouched(flux, lora_dir):
+def cancel_after_step(monkeypatch, step: int) -> None:
+    """The UI's Cancel pressed while training step `step` finishes: set where the node reports each step,
+    not through the progress bar's hook, whose updates newer hosts throttle (a test must not depend on
+    when the bar reaches a step)."""
     import comfy.model_management
-    import comfy.utils
+    progress = comfy_host.pack_module("nodes.host").Progress
+    report_step = progress.__call__
+
+    def pressed(self, report):
+        if report.step == step:
+            comfy.model_management.interrupt_current_processing(True)
+        report_step(self, report)
+
+    monkeypatch.setattr(progress, "__call__", pressed)
+
+
+def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouched(flux, lora_dir, monkeypatch):
+    import comfy.model_management
     from shortcut_core import load_lora
     patcher, positive, _ = flux
     net = patcher.model.diffusion_model
     before = module_hash(net)
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    seen = []
-
-    def press_cancel_at_step_2(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
-
-    hook = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(press_cancel_at_step_2)
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with monkeypatch.context() as patch, pytest.raises(comfy.model_management.InterruptProcessingException):
+            cancel_after_step(patch, 2)
             train_node(patcher, positive, latents, steps=10, checkpoint_every=0, save_name="cancelled")
     finally:
         comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(hook)
-    assert max(seen) == 2
     kept = load_lora(lora_dir / "cancelled.safetensors")
     assert kept.metadata.config["trained_steps"] == 2 and (lora_dir / "cancelled.train_state").is_file()
     assert module_hash(net) == before
@@ -337,6 +343,7 @@ def test_training_shows_step_and_loss_on_the_node_and_the_progress_bar(flux, lor
         train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=3, unique_id="42")
     finally:
         comfy.utils.set_progress_bar_global_hook(hook)
-    assert [v for v, total, node_id in bars if node_id == "42"] == [0, 1, 2, 3]
+    values = [v for v, total, node_id in bars if node_id == "42"]
+    assert values[0] == 0 and values[-1] == 3 and values == sorted(values)  # newer hosts throttle the bar
     assert [node_id for node_id, _ in texts] == ["42"] * 3
     assert texts[-1][1].startswith("step 3/3  loss ")

@@ -13,7 +13,7 @@ import torch
 
 import comfy_host
 from hashing import module_hash
-from test_host_nodes import node, train_node
+from test_host_nodes import cancel_after_step, node, train_node
 
 
 @pytest.fixture()
@@ -240,19 +240,15 @@ def test_resuming_with_another_rank_names_the_settings(flux, lora_dir):
         train_node(patcher, positive, latents(), steps=2, save_name="r4", resume_lora="r4.safetensors", rank=8, alpha=8.0)
 
 
-def test_cancel_leaves_other_models_of_the_same_network_unaffected(flux, lora_dir):
+def test_cancel_leaves_other_models_of_the_same_network_unaffected(flux, lora_dir, monkeypatch):
     import comfy.model_management
-    import comfy.utils
     patcher, positive = flux
     others = _other_models(patcher, lora_dir)
     before_samples = _samples(others, positive)
-    hook = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(
-        lambda value, total, preview, node_id=None: comfy.model_management.interrupt_current_processing(value >= 1))
     try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
+        with monkeypatch.context() as patch, pytest.raises(comfy.model_management.InterruptProcessingException):
+            cancel_after_step(patch, 1)
             train_node(patcher, positive, latents(), steps=5, save_name="c")
     finally:
         comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(hook)
     assert all(torch.equal(a, b) for a, b in zip(_samples(others, positive), before_samples))
