@@ -135,7 +135,9 @@ def sample(model, positive, negative, latent: dict, *, seed: int, sigmas: torch.
                             denoise_mask=latent.get("noise_mask"), callback=callback,
                             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    # newer hosts also hand latents between nodes in an intermediate dtype (fp16 with --fp16-intermediates)
+    dtype = getattr(comfy.model_management, "intermediate_dtype", lambda: samples.dtype)()
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(), dtype=dtype)
     return out
 
 

@@ -180,3 +180,58 @@ def test_training_sets_the_hosts_in_training_flag_and_restores_it(flux, lora_dir
     seen.clear()
     node("ShortcutSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 1, 3.25, False, 1.0, 1.0)
     assert seen == [False]  # sampling is not training
+
+
+def test_a_cancel_inside_a_forward_keeps_the_last_whole_step(flux, lora_dir, monkeypatch):
+    """0.38.1 checks the Cancel button inside every op, so the interrupt can come in the middle of a step's
+    forwards: the checkpoint holds the last completed step, and resuming from it gives the uncancelled LoRA."""
+    import comfy.model_management
+    from shortcut_core import load_lora
+    patcher, positive = flux
+    progress = comfy_host.pack_module("nodes.host").Progress
+    report_step = progress.__call__
+    armed = []
+
+    def after_step(self, report):
+        report_step(self, report)
+        if report.step == 2:
+            armed.append(True)
+
+    def wrapper(apply_model, args):
+        if armed:
+            raise comfy.model_management.InterruptProcessingException()
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model = patcher.clone()
+    model.set_model_unet_function_wrapper(wrapper)
+    with monkeypatch.context() as patch, pytest.raises(comfy.model_management.InterruptProcessingException):
+        patch.setattr(progress, "__call__", after_step)
+        train_node(model, positive, latents(), steps=5, checkpoint_every=0, save_name="cut")
+    assert load_lora(lora_dir / "cut.safetensors").metadata.config["trained_steps"] == 2
+    _, resumed, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="cut",
+                                     resume_lora="cut.safetensors")
+    _, straight, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="straight")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_sampled_latents_take_the_hosts_intermediate_dtype(flux, monkeypatch):
+    """0.38.1 returns sampled latents in intermediate_dtype() (fp16 with --fp16-intermediates), as stock KSampler."""
+    import comfy.model_management
+    patcher, positive = flux
+    monkeypatch.setattr(comfy.model_management, "intermediate_dtype", lambda: torch.float16, raising=False)
+    (out,) = node("ShortcutSampler").sample(patcher, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 2, 3.25,
+                                            False, 1.0, 1.0)
+    assert out["samples"].dtype == torch.float16
+
+
+def test_the_host_reads_our_comfyui_range_and_its_own_version_is_in_it(comfyui):
+    """The Registry's requires-comfyui, as the host's own pyproject parser reads it; the tested host satisfies it."""
+    from packaging.specifiers import SpecifierSet
+
+    import comfyui_version
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(comfy_host.PROJECT_ROOT))
+    declared = config.project.supported_comfyui_version
+    assert declared.startswith(">=")
+    assert comfyui_version.__version__ in SpecifierSet(declared), (comfyui_version.__version__, declared)
