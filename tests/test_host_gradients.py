@@ -1,33 +1,21 @@
 """TrainShortcut's gradients through ComfyUI's Flux equal those of an out-of-place reference.
 
 ComfyUI's Flux blocks add residuals in place (`txt += ...`, `x += ...`): plain autograd refuses
-them and naive block checkpointing silently gets them wrong. The reference runs the host's own
-block code with those three lines rewritten out of place, under plain autograd (no checkpointing,
-no input clones); TrainShortcut's path must give the same gradients with and without gradient
-checkpointing, on a model built under inference_mode as ComfyUI builds it.
+them and naive block checkpointing silently gets them wrong. The reference is plain autograd (no
+checkpointing, no block wrapping) with every tensor autograd saves copied at the moment it is saved
+(a saved-tensor hook), so a later in-place add cannot change what backward reads: the gradients of
+the same program written out of place, whatever the host's blocks do, with no host code rewritten.
+TrainShortcut's path must give the same gradients with and without gradient checkpointing, on a
+model built under inference_mode as ComfyUI builds it.
 """
 
 from __future__ import annotations
-
-import inspect
-import re
-import textwrap
 
 import pytest
 import torch
 
 import comfy_host
 from hashing import module_hash
-
-
-def _out_of_place_forward(cls):
-    """cls.forward compiled from the host's source with `name += expr` turned into `name = name + expr`."""
-    module = inspect.getmodule(cls)
-    source = textwrap.dedent(inspect.getsource(cls.forward))
-    rewritten, count = re.subn(r"^(\s*)(\w+) \+= ", r"\1\2 = \2 + ", source, flags=re.M)
-    namespace: dict = {}
-    exec(compile(rewritten, inspect.getsourcefile(cls), "exec"), vars(module), namespace)
-    return namespace["forward"], count
 
 
 @pytest.fixture()
@@ -73,8 +61,6 @@ def _gradients(host, patcher, positive, latents, init, config) -> list[torch.Ten
 
 
 def test_gradients_through_host_flux_equal_an_out_of_place_reference(setup, monkeypatch):
-    import comfy.ldm.flux.layers as layers
-
     host, patcher, positive, latents, init, config = setup
     net = patcher.model.diffusion_model
     before = module_hash(net)
@@ -87,15 +73,10 @@ def test_gradients_through_host_flux_equal_an_out_of_place_reference(setup, monk
         with pytest.raises(RuntimeError, match="inplace"):
             _gradients(host, patcher, positive, latents, init, config.replace(gradient_checkpointing=False))
 
-    rewritten = 0
-    with monkeypatch.context() as m:
-        for cls in (layers.DoubleStreamBlock, layers.SingleStreamBlock):
-            forward, count = _out_of_place_forward(cls)
-            rewritten += count
-            m.setattr(cls, "forward", forward)
+    # The reference: the same step under plain autograd, every saved tensor copied when saved.
+    with monkeypatch.context() as m, torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
         m.setattr(host, "repeated_blocks", lambda network: [])
         reference = _gradients(host, patcher, positive, latents, init, config.replace(gradient_checkpointing=False))
-    assert rewritten == 3, "the host's Flux blocks changed: review the in-place residuals this test rewrites"
 
     assert len(reference) == len(ours[False]) and sum(int(g.abs().sum() > 0) for g in reference) == len(reference)
     for flag, grads in ours.items():
