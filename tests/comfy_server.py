@@ -1,8 +1,8 @@
 """The real ComfyUI server (its own main.py) with this pack installed, and headless Chromium on its frontend.
 
 For the `browser` tests: the server runs as a child process in its own process group on a free loopback
-port, with a temporary --base-directory whose custom_nodes/ links this project as `shortcut-flow` (a
-clone's usual name); the browser is Debian's chromium driven by the playwright package. Every wait is
+port, with a temporary --base-directory whose custom_nodes/ links this project (or the unpacked release
+named by SHORTCUT_FLOW_PACK_DIR) as `shortcut-flow` (a clone's usual name); the browser is Debian's chromium driven by the playwright package. Every wait is
 bounded, and both are always stopped, their whole process trees with them.
 """
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from comfy_host import PROJECT_ROOT
 
 PACK_NAME = "shortcut-flow"
+# What the server installs: this checkout, or (CI) the release `comfy node pack` made of it, unpacked.
+PACK_DIR = Path(os.environ.get("SHORTCUT_FLOW_PACK_DIR") or PROJECT_ROOT).resolve()
 CHROMIUM = "/usr/bin/chromium"
 # The flags of a browser that must stay on this machine: nothing in the background phones home.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -99,7 +101,7 @@ class ComfyServer:
         custom_nodes.mkdir(parents=True, exist_ok=True)
         link = custom_nodes / PACK_NAME
         if not link.exists():
-            link.symlink_to(PROJECT_ROOT, target_is_directory=True)
+            link.symlink_to(PACK_DIR, target_is_directory=True)
         settings = self.base_dir / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps(USER_SETTINGS), encoding="utf-8")

@@ -57,7 +57,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    for shot in comfy_server.SCREENSHOTS:  # the browser tests', when they ran
+    if comfy_server.SCREENSHOTS:  # the browser tests ran
+        terminalreporter.write_line(f"browser tests: ComfyUI's server ran the pack from {comfy_server.PACK_DIR}")
+    for shot in comfy_server.SCREENSHOTS:
         terminalreporter.write_line(f"frontend screenshot: {shot}")
     path, _ = comfy_host.find_comfyui()
     if _host_skips:

@@ -37,3 +37,20 @@ def test_requirements_never_list_torch():
     for name in ("requirements.txt", "requirements-dev.txt"):
         lines = [l.split("#")[0].strip() for l in (ROOT / name).read_text().splitlines()]
         assert not any(re.match(r"^torch(vision|audio)?\b", l) for l in lines), name
+
+
+def test_the_version_is_semver_and_the_changelog_opens_with_it():
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version), version
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert re.search(r"^## (\S+)", changelog, re.M).group(1) == version
+    # each entry tells a user whether saved workflows change
+    entries = re.split(r"^## ", changelog, flags=re.M)[1:]
+    assert all("workflow" in entry.lower() for entry in entries)
+
+
+def test_the_license_is_the_hosts_and_declared_as_the_registry_asks():
+    assert "GNU GENERAL PUBLIC LICENSE" in (ROOT / "LICENSE").read_text(encoding="utf-8")[:200]
+    assert "Version 3" in (ROOT / "LICENSE").read_text(encoding="utf-8")[:200]
+    assert re.search(r'^license = \{file = "LICENSE"\}$', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
