@@ -6,6 +6,7 @@ x_t = (1 - t) * x0 + t * noise and v = noise - x0.
 """
 
 from .activation_checkpointing import checkpoint_blocks
+from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
 from .adapters import (BASE, EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        linear_module_names)
 from .config import ConfigError, ShortcutConfig

@@ -96,6 +96,12 @@ class ShortcutConfig:
             n *= 2
         return tuple(out)
 
+    @property
+    def reference_steps(self) -> int:
+        """Steps of the teacher's reference samples (previews, calibration): its longest training schedule,
+        and at least four times the LoRA's steps."""
+        return max(self.teacher_max_steps, 4 * self.sample_steps)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:

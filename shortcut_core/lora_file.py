@@ -37,6 +37,7 @@ class LoraMetadata:
     shift: float | None = None
     strength: float | None = None
     config: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None  # Calibration.to_dict(): how steps / shift / strength were chosen
     extra: dict[str, str] = field(default_factory=dict)  # any other metadata, kept verbatim
 
     def to_strings(self) -> dict[str, str]:
@@ -50,6 +51,8 @@ class LoraMetadata:
             out[META_PREFIX + "sample_strength"] = repr(float(self.strength))
         if self.config is not None:
             out[META_PREFIX + "config"] = json.dumps(self.config, sort_keys=True)
+        if self.calibration is not None:
+            out[META_PREFIX + "calibration"] = json.dumps(self.calibration, sort_keys=True)
         return out
 
     @classmethod
@@ -61,6 +64,7 @@ class LoraMetadata:
                        shift=float(ours["sample_shift"]) if "sample_shift" in ours else None,
                        strength=float(ours["sample_strength"]) if "sample_strength" in ours else None,
                        config=json.loads(ours["config"]) if "config" in ours else None,
+                       calibration=json.loads(ours["calibration"]) if "calibration" in ours else None,
                        extra=extra)
         except (ValueError, json.JSONDecodeError) as e:
             raise LoraFileError(f"LoRA file {path!r} has unreadable shortcut_flow metadata ({e}); "

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, uniform_rank_alpha)
+from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
 from .config import ShortcutConfig
 from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
-from .sampling import VelocityFn
-from .schedules import packed_token_count
+from .sampling import VelocityFn, sample_euler
+from .schedules import packed_token_count, shifted_schedule
 
 CHECKPOINT_FORMAT = "shortcut_flow.checkpoint.1"
 
@@ -162,6 +163,7 @@ class ShortcutTrainer:
         self._inference_aliases = InferenceTensorAliases(module)
         self.step_count = 0
         self.losses: list[float] = []
+        self.calibration: Calibration | None = None
         self._consistent = True
 
     # ------------------------------------------------------------------ velocity roles
@@ -300,10 +302,55 @@ class ShortcutTrainer:
                            metadata=self.lora_metadata())
 
     def lora_metadata(self) -> LoraMetadata:
+        """The recipe to sample with (the calibrated one once calibrate() ran) and the training config."""
         cfg = self.config
         config = cfg.to_dict()
         config["trained_steps"] = self.step_count
-        return LoraMetadata(steps=cfg.sample_steps, shift=cfg.sample_shift, strength=cfg.sample_strength, config=config)
+        if self.calibration is None:
+            return LoraMetadata(steps=cfg.sample_steps, shift=cfg.sample_shift, strength=cfg.sample_strength,
+                                config=config)
+        best, _ = self.calibration.best
+        return LoraMetadata(steps=best.steps, shift=best.shift, strength=best.strength, config=config,
+                            calibration=self.calibration.to_dict())
+
+    # ------------------------------------------------------------------ sampling with the run's adapters
+    @torch.no_grad()
+    def sample_as(self, role: str, noise: torch.Tensor, sigmas: torch.Tensor, extra_args: Mapping[str, Any] | None = None,
+                  strength: float = 1.0) -> torch.Tensor:
+        """Euler samples from `noise` along `sigmas` with the module as `role` (the student at `strength`):
+        previews and calibration. Uses neither the training RNG nor the optimizer, and puts the adapters
+        back as they were, so training goes on exactly as without the call."""
+        with self.adapters.use(role):
+            self.adapters.set_strength(role, strength)
+            try:
+                return sample_euler(self.velocity, noise.to(self.device), sigmas.to(self.device),
+                                    dict(extra_args or {}), disable=True)
+            finally:
+                self.adapters.set_strength(role, 1.0)
+
+    def calibrate(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
+                  reference_steps: int | None = None, grid: Sequence[Recipe] | None = None) -> Calibration:
+        """Measure the student's few-step samples against the teacher's many-step samples from the same
+        held-out noises over a recipe grid (default: around the config's sample_steps / sample_shift),
+        and keep the result: lora_metadata() then recommends the best recipe and carries the table."""
+        cfg = self.config
+        reference_steps = reference_steps or cfg.reference_steps
+        grid = list(grid) if grid is not None else recipe_grid(cfg.sample_steps, cfg.sample_shift)
+
+        def in_batches(role: str, sigmas: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+            # forwards no larger than a training batch's: the memory the run was sized for
+            n, size = noise.shape[0], cfg.batch_size
+            return torch.cat([self.sample_as(role, noise[i:i + size], sigmas,
+                                             select_items(extra_args or {}, torch.arange(i, min(i + size, n)), n),
+                                             strength) for i in range(0, n, size)])
+
+        reference = in_batches(TEACHER, shifted_schedule(reference_steps, cfg.sample_shift, t_max=cfg.t_max))
+
+        def sample(recipe: Recipe) -> torch.Tensor:
+            return in_batches(STUDENT, shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max), recipe.strength)
+
+        self.calibration = calibrate_recipe(sample, reference, grid, reference_steps)
+        return self.calibration
 
     # ------------------------------------------------------------------ checkpoints
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
