@@ -2,13 +2,14 @@
 
 from .lora_loader import ShortcutLoRALoader
 from .sampler import ShortcutSampler, ShortcutScheduler
-from .train import TrainShortcut
+from .train import ShortcutTrainingOptions, TrainShortcut
 
 NODE_CLASS_MAPPINGS = {
     "ShortcutSampler": ShortcutSampler,
     "ShortcutScheduler": ShortcutScheduler,
     "ShortcutLoRALoader": ShortcutLoRALoader,
     "TrainShortcut": TrainShortcut,
+    "ShortcutTrainingOptions": ShortcutTrainingOptions,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -16,4 +17,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ShortcutScheduler": "Shortcut Scheduler",
     "ShortcutLoRALoader": "Shortcut LoRA Loader",
     "TrainShortcut": "Train Shortcut (SCFM)",
+    "ShortcutTrainingOptions": "Shortcut Training Options",
 }

@@ -30,10 +30,12 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
+from ..shortcut_core.calibration import Calibration
 from ..shortcut_core.config import ShortcutConfig
 from ..shortcut_core.sampling import sample_euler
 from ..shortcut_core.schedules import packed_token_count, resolution_shift, shifted_schedule
 from ..shortcut_core.trainer import ShortcutTrainer, StepReport, TrainResult
+from . import host_preview
 
 log = logging.getLogger("shortcut-flow")
 
@@ -177,6 +179,11 @@ class ConditionedVelocity:
         # conditionings of other shapes must run apart.
         self.keeps_batch_whole = len(set(self.group_of)) == 1
 
+    def distinct_items(self) -> list[int]:
+        """The first item of each distinct conditioning (one for a shared conditioning)."""
+        seen: set[int] = set()
+        return [i for i, entry in enumerate(self.positive) if not (id(entry) in seen or seen.add(id(entry)))]
+
     def _group_ids(self) -> list[int]:
         representatives: list[int] = []
         ids = []
@@ -243,8 +250,21 @@ class TrainingRun:
     init_lora: dict | None = None
     resume_state: str | None = None       # a trainer checkpoint to continue from exactly
     checkpoint_path: str | None = None
-    on_step: Callable[[StepReport], None] | None = None
+    progress: Progress | None = None      # the node's progress bar, text and previews
     on_checkpoint: Callable[[ShortcutTrainer], None] | None = None
+    preview_every: int = 0                # few-step previews in the node every this many steps (0: none)
+    calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
+
+
+@dataclass
+class TrainingOutcome:
+    result: TrainResult
+    comparison: torch.Tensor | None = None    # IMAGE: teacher few steps | student | teacher many steps
+    calibration: Calibration | None = None
+
+
+# Held-out noises for calibration: two per training conditioning, 4 to 16 in all.
+CALIBRATION_SAMPLES = (4, 16)
 
 
 class _TrainingSampler(comfy.samplers.Sampler):
@@ -253,7 +273,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
     def __init__(self, run: TrainingRun):
         self.run = run
-        self.result: TrainResult | None = None
+        self.outcome: TrainingOutcome | None = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -271,13 +291,44 @@ class _TrainingSampler(comfy.samplers.Sampler):
                              device=latents.device) as trainer:
             if run.resume_state:
                 trainer.load_checkpoint(run.resume_state)
+            previewer = host_preview.latent_previewer(model_wrap.model_patcher)
+            show = run.progress.preview if run.progress is not None else (lambda step, picture: None)
+            preview = None if previewer is None else host_preview.TrainingPreview(
+                trainer, previewer, show, tuple(latents.shape[1:]), run.preview_every)
+            steps = [c for c in (run.progress, preview) if c is not None]
             on_checkpoint = None if run.on_checkpoint is None else (lambda: run.on_checkpoint(trainer))
-            self.result = trainer.train(callback=run.on_step, checkpoint_path=run.checkpoint_path,
-                                        on_checkpoint=on_checkpoint, progress=comfy.utils.PROGRESS_BAR_ENABLED)
+            result = trainer.train(callback=lambda report: [c(report) for c in steps],
+                                   checkpoint_path=run.checkpoint_path, on_checkpoint=on_checkpoint,
+                                   progress=comfy.utils.PROGRESS_BAR_ENABLED)
+            calibration = None
+            if run.calibrate:
+                calibration = self._calibrate(trainer, velocity, tuple(latents.shape[1:]))
+                if on_checkpoint is not None:
+                    on_checkpoint()  # the LoRA file gets the calibrated recipe
+                result = trainer.result()
+            comparison = None
+            if preview is not None:
+                best = calibration.best[0] if calibration is not None else None
+                comparison = host_preview.to_image_tensor(preview.picture(best))
+            self.outcome = TrainingOutcome(result=result, comparison=comparison, calibration=calibration)
         return torch.zeros_like(latent_image)
 
+    def _calibrate(self, trainer: ShortcutTrainer, velocity: ConditionedVelocity, latent_shape: tuple[int, ...]):
+        if self.run.progress is not None:
+            self.run.progress.say("calibrating the few-step recipe ...")
+        distinct = velocity.distinct_items()
+        lo, hi = CALIBRATION_SAMPLES
+        items = torch.tensor([distinct[i % len(distinct)] for i in range(min(hi, max(lo, 2 * len(distinct))))])
+        # Held-out: a generator of its own, never the one training draws from.
+        noise = torch.randn((len(items), *latent_shape), generator=torch.Generator().manual_seed(trainer.config.seed + 1))
+        calibration = trainer.calibrate(noise, {"item": items})
+        log.info("TrainShortcut: %s", calibration.text())
+        if self.run.progress is not None:
+            self.run.progress.say(calibration.text())
+        return calibration
 
-def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> TrainResult:
+
+def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> TrainingOutcome:
     """SCFM on a ComfyUI model inside the graph. The shared network is used in place and left
     exactly as it was (adapters removed, weights untouched), also on errors and interrupts."""
     require_flow_model(model)
@@ -297,8 +348,8 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
         forward_batch = run.config.batch_size * (2 if negative is not None and not math.isclose(run.cfg, 1.0) else 1)
         guider.sample(latents.new_zeros((forward_batch,) + tuple(latents.shape[1:])), latents, sampler,
                       torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
-    assert sampler.result is not None
-    return sampler.result
+    assert sampler.outcome is not None
+    return sampler.outcome
 
 
 # What newer hosts do differently (read in ComfyUI 0.38.1's source; 0.3.64, tested here, has none of it).
@@ -370,19 +421,23 @@ def one_size_batch(samples) -> torch.Tensor:
 
 
 class Progress:
-    """The host's progress bar, the live loss as node text, and the UI's Cancel button."""
+    """The host's progress bar with previews, the live loss as node text, and the UI's Cancel button."""
 
     def __init__(self, total: int, node_id: str | None = None, start: int = 0):
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.bar.update_absolute(start, total)
-        self.node_id = node_id
+        self.node_id, self.total = node_id, total
 
     def __call__(self, report: StepReport) -> None:
         self.bar.update_absolute(report.step, report.total)
-        self._text(f"step {report.step}/{report.total}  loss {report.loss:.4g}")
+        self.say(f"step {report.step}/{report.total}  loss {report.loss:.4g}")
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def _text(self, text: str) -> None:
+    def preview(self, step: int, picture) -> None:
+        """A picture in the node, through the bar's preview channel (as KSampler's latent previews)."""
+        self.bar.update_absolute(step, self.total, ("JPEG", picture, latent_preview.MAX_PREVIEW_RESOLUTION))
+
+    def say(self, text: str) -> None:
         if self.node_id is None:
             return
         server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)

@@ -32,7 +32,8 @@ class ShortcutLoRALoader:
     OUTPUT_TOOLTIPS = ("The model with the LoRA applied (the input model is unchanged).",
                        "Steps the LoRA was trained for (3 when the file does not say).",
                        "Schedule shift the LoRA recommends (3.25 when the file does not say).",
-                       "Strength the LoRA recommends (1.0 when the file does not say).")
+                       "Strength the LoRA recommends, calibrated when it was trained with calibrate on (1.0 when "
+                       "the file does not say).")
     FUNCTION = "load"
     CATEGORY = "loaders"
     DESCRIPTION = ("Loads a shortcut LoRA onto the model through ComfyUI's own key mapping, reports file keys "
@@ -50,6 +51,8 @@ class ShortcutLoRALoader:
                 f"{len(report.unmatched_keys)} keys matched nothing"
                 + (f" ({', '.join(report.unmatched_keys[:5])}{', ...' if len(report.unmatched_keys) > 5 else ''})"
                    if report.unmatched_keys else "")
-                + f". Recipe: {steps} steps, shift {shift:g}, strength {recommended:g}.")
+                + f". Recipe: {steps} steps, shift {shift:.3g}, strength {recommended:g}"
+                + (f" (calibrated against the teacher's {meta.calibration['reference_steps']}-step samples)."
+                   if meta.calibration else "."))
         log.info(text)
         return {"ui": {"text": [text]}, "result": (patched, steps, float(shift), float(recommended))}

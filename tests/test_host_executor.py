@@ -58,13 +58,14 @@ def _prompt() -> dict:
         "4": n("KSampler", model=["1", 0], seed=1, steps=8, cfg=1.0, sampler_name="euler", scheduler="simple",
                positive=["2", 0], negative=["2", 0], latent_image=["3", 0], denoise=1.0),
         "5": n("TrainShortcut", model=["1", 0], latents=["4", 0], positive=["2", 0], steps=3, batch_size=2,
-               learning_rate=1e-3, rank=4, alpha=4.0, seed=0, save_name="executor_test", checkpoint_every=2,
-               resume_lora="(none)", cfg=1.0, guidance_min=0.0, guidance_max=7.5, gradient_checkpointing=True,
-               sample_steps=3, sample_shift=3.25, sample_strength=1.0, t_skip=2, teacher_ratio=0.4,
-               teacher_min_steps=8, teacher_max_steps=8, non_shortcut_ratio=0.0, shift_min=2.5, shift_max=4.5,
-               resolution_shift_prob=0.1, ema_slow_decay=0.999, ema_fast_decay=0.99, ema_restart_every=0,
-               weight_decay=1e-4, max_grad_norm=10.0, grad_accum_steps=1, export_diffusers=True,
-               target_modules="", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, t_max=1.0 - 1e-5),
+               learning_rate=1e-3, rank=4, seed=0, save_name="executor_test", checkpoint_every=2,
+               resume_lora="(none)", cfg=1.0, preview_every=1, calibrate=False, options=["18", 0]),
+        "18": n("ShortcutTrainingOptions", alpha=4.0, guidance_min=0.0, guidance_max=7.5, gradient_checkpointing=True,
+                sample_steps=3, sample_shift=3.25, sample_strength=1.0, t_skip=2, teacher_ratio=0.4,
+                teacher_min_steps=8, teacher_max_steps=8, non_shortcut_ratio=0.0, shift_min=2.5, shift_max=4.5,
+                resolution_shift_prob=0.1, ema_slow_decay=0.999, ema_fast_decay=0.99, ema_restart_every=0,
+                weight_decay=1e-4, max_grad_norm=10.0, grad_accum_steps=1, export_diffusers=True,
+                target_modules="", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, t_max=1.0 - 1e-5),
         "6": n("EmptySD3LatentImage", width=64, height=64, batch_size=1),
         "7": n("ShortcutSampler", model=["5", 0], positive=["2", 0], latent_image=["6", 0], seed=5, steps=3,
                shift=3.25, resolution_shift=False, cfg=1.0, denoise=1.0),
@@ -78,7 +79,8 @@ def _prompt() -> dict:
         "14": n("BasicGuider", model=["10", 0], conditioning=["2", 0]),
         "15": n("KSamplerSelect", sampler_name="euler"),
         "16": n("SaveLatent", samples=["12", 0], filename_prefix="stock"),
-        "17": n("PreviewImage", images=["5", 3]),
+        "17": n("PreviewImage", images=["5", 3]),   # teacher | student | teacher comparison
+        "19": n("PreviewImage", images=["5", 5]),   # loss curve
     }
 
 

@@ -27,7 +27,7 @@ def node(name):
 def test_the_pack_registers_its_nodes_through_the_host_loader_with_tooltips_on_every_input(pack):
     import nodes
     assert set(comfy_host._state["pack_nodes"]) == {"ShortcutSampler", "ShortcutScheduler", "ShortcutLoRALoader",
-                                                   "TrainShortcut"}
+                                                   "TrainShortcut", "ShortcutTrainingOptions"}
     for name in comfy_host._state["pack_nodes"]:
         cls = nodes.NODE_CLASS_MAPPINGS[name]
         spec = cls.INPUT_TYPES()
@@ -108,13 +108,20 @@ def test_non_flow_models_are_refused_by_every_node(flux):
 
 
 def train_node(model, positive, latent, **overrides):
-    """TrainShortcut with tiny-model settings; every other input at its default."""
+    """TrainShortcut with tiny-model settings (no previews, no calibration unless asked); every other input at
+    its default. Knobs of Shortcut Training Options go through its node into the options input."""
     cls = type(node("TrainShortcut"))
+    options_class = type(node("ShortcutTrainingOptions"))
     values = comfy_host.widget_defaults(cls)
-    values.update(resume_lora="(none)", rank=4, alpha=4.0, batch_size=2, learning_rate=1e-3, steps=3,
-                  checkpoint_every=2, save_name="test_shortcut")
+    values.update(resume_lora="(none)", rank=4, batch_size=2, learning_rate=1e-3, steps=3, checkpoint_every=2,
+                  save_name="test_shortcut", preview_every=0, calibrate=False)
+    knobs = dict(comfy_host.widget_defaults(options_class), alpha=4.0)
+    for name in [k for k in overrides if k in knobs]:
+        knobs[name] = overrides.pop(name)
     values.update(overrides)
-    return cls().train(model=model, latents=latent, positive=positive, **values)
+    (options,) = options_class().options(**knobs)
+    out = cls().train(model=model, latents=latent, positive=positive, options=options, **values)
+    return out["result"] if isinstance(out, dict) else out
 
 
 def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untouched(flux, lora_dir):
@@ -125,7 +132,7 @@ def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untou
     net = patcher.model.diffusion_model
     before = module_hash(net)
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    model, lora, loss, plot, steps = train_node(patcher, positive, latents)
+    model, lora, loss, preview, steps, plot = train_node(patcher, positive, latents)
     assert steps == 3 and len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
     assert any(k.endswith(".lora_up.weight") for k in lora) and all(k.startswith("diffusion_model.") for k in lora)
@@ -151,10 +158,10 @@ def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untou
 def test_train_shortcut_resumes_exactly_from_its_training_state(flux, lora_dir):
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    _, straight, loss_straight, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
-    _, _, _, _, steps = train_node(patcher, positive, latents, steps=2, save_name="part")
+    _, straight, loss_straight, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    _, _, _, _, steps, _ = train_node(patcher, positive, latents, steps=2, save_name="part")
     assert steps == 2 and (lora_dir / "part.train_state").is_file()
-    _, resumed, loss_resumed, _, steps = train_node(patcher, positive, latents, steps=4, save_name="part",
+    _, resumed, loss_resumed, _, steps, _ = train_node(patcher, positive, latents, steps=4, save_name="part",
                                                     resume_lora="part.safetensors")
     assert steps == 4 and loss_resumed["loss"] == loss_straight["loss"]
     assert straight.keys() == resumed.keys()
@@ -168,7 +175,7 @@ def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites
     train_node(patcher, positive, latents, steps=2, save_name="first")
     (lora_dir / "first.train_state").unlink()
     first = (lora_dir / "first.safetensors").read_bytes()
-    _, _, _, _, steps = train_node(patcher, positive, latents, steps=2, save_name="first", resume_lora="first.safetensors")
+    _, _, _, _, steps, _ = train_node(patcher, positive, latents, steps=2, save_name="first", resume_lora="first.safetensors")
     assert steps == 2 and (lora_dir / "first.safetensors").read_bytes() != first  # trained on, written back
     before = (lora_dir / "first.safetensors").read_bytes()
     train_node(patcher, positive, latents, steps=1, save_name="first")  # a new run with a taken name
@@ -214,9 +221,9 @@ def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouche
     assert module_hash(net) == before
     assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     # and it resumes from there to the same LoRA as a run that was never cancelled
-    _, resumed, _, _, steps = train_node(patcher, positive, latents, steps=4, save_name="cancelled",
+    _, resumed, _, _, steps, _ = train_node(patcher, positive, latents, steps=4, save_name="cancelled",
                                          resume_lora="cancelled.safetensors")
-    _, straight, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    _, straight, _, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
     assert steps == 4 and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -245,7 +252,7 @@ def test_sd3_samples_like_stock_euler_and_trains_with_true_cfg(pack, lora_dir):
     assert torch.equal(ours["samples"], _stock_euler(patcher, positive, negative, latent, 3, sigmas, 3.5))
 
     latents = {"samples": torch.randn(3, 16, 8, 8, generator=g)}
-    model, lora, loss, _, steps = train_node(patcher, positive, latents, steps=2, negative=negative, cfg=3.5,
+    model, lora, loss, _, steps, _ = train_node(patcher, positive, latents, steps=2, negative=negative, cfg=3.5,
                                              resolution_shift_prob=0.0, max_grad_norm=2.0, save_name="sd3")
     assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert any(".joint_blocks." in k for k in lora)
@@ -280,17 +287,21 @@ def test_lora_loader_outputs_the_files_recipe_or_the_papers_defaults(flux, lora_
         node("ShortcutLoRALoader").load(patcher, "missing.safetensors", 1.0)
 
 
-def test_train_shortcut_exposes_every_knob_of_the_config_with_the_papers_defaults(pack):
+def test_every_knob_of_the_config_has_exactly_one_input_with_the_papers_default(pack):
+    """TrainShortcut shows what a user sets on every run; Shortcut Training Options holds the rest."""
     import dataclasses
     from shortcut_core import ShortcutConfig
-    spec = type(node("TrainShortcut")).INPUT_TYPES()["required"]
+    train = type(node("TrainShortcut")).INPUT_TYPES()["required"]
+    options = type(node("ShortcutTrainingOptions")).INPUT_TYPES()["required"]
+    assert not set(train) & set(options)
+    spec = {**train, **options}
     defaults = ShortcutConfig()
     split = {"guidance_range": ("guidance_min", "guidance_max"), "adam_betas": ("adam_beta1", "adam_beta2")}
     for field in dataclasses.fields(ShortcutConfig):
         if field.name == "extra":
             continue
         names = split.get(field.name, (field.name,))
-        assert all(n in spec for n in names), f"ShortcutConfig.{field.name} has no TrainShortcut input"
+        assert all(n in spec for n in names), f"ShortcutConfig.{field.name} has no input"
         value = getattr(defaults, field.name)
         if field.name == "target_modules":
             assert value is None and spec[field.name][1]["default"] == ""
@@ -298,12 +309,37 @@ def test_train_shortcut_exposes_every_knob_of_the_config_with_the_papers_default
             assert tuple(spec[n][1]["default"] for n in names) == tuple(value)
         else:
             assert spec[field.name][1]["default"] == value, field.name
+    widgets = [n for n, (kind, *_) in train.items() if kind in ("INT", "FLOAT", "STRING", "BOOLEAN") or
+               isinstance(kind, list)]
+    assert len(widgets) <= 16, widgets
+    assert {"steps", "batch_size", "learning_rate", "rank", "seed", "save_name", "checkpoint_every", "resume_lora",
+            "cfg", "preview_every", "calibrate"} == set(widgets)
+
+
+def test_a_changed_option_reaches_the_trainer_and_bad_options_are_named(flux, lora_dir):
+    from shortcut_core import load_lora
+    patcher, positive, _ = flux
+    latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    train_node(patcher, positive, latents, steps=1, save_name="opts", alpha=2.0, t_skip=4, teacher_min_steps=16,
+               sample_steps=4)
+    config = load_lora(lora_dir / "opts.safetensors").metadata.config
+    assert (config["alpha"], config["t_skip"], config["teacher_min_steps"], config["sample_steps"]) == (2.0, 4, 16, 4)
+    train_node(patcher, positive, latents, steps=1, save_name="defaults")
+    config = load_lora(lora_dir / "defaults.safetensors").metadata.config
+    assert (config["t_skip"], config["teacher_min_steps"]) == (2, 32)  # unconnected knobs: the paper's
+    with pytest.raises(ValueError, match="t_skip: 0 is out of range"):
+        train_node(patcher, positive, latents, steps=1, t_skip=0)
+    with pytest.raises(ValueError, match="options: unknown knobs \\['rnak'\\]"):
+        type(node("TrainShortcut"))().train(model=patcher, latents=latents, positive=positive, steps=1, batch_size=2,
+                                             learning_rate=1e-3, rank=4, seed=0, save_name="x", checkpoint_every=0,
+                                             resume_lora="(none)", cfg=1.0, preview_every=0, calibrate=False,
+                                             options={"rnak": 4})
 
 
 def test_target_modules_limits_the_lora_to_those_layers(flux, lora_dir):
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    _, lora, _, _, _ = train_node(patcher, positive, latents, steps=1, target_modules="img_attn.qkv, linear1")
+    _, lora, _, _, _, _ = train_node(patcher, positive, latents, steps=1, target_modules="img_attn.qkv, linear1")
     layers = {k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora}
     assert layers == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1",
                       "diffusion_model.single_blocks.1.linear1"}
@@ -316,7 +352,7 @@ def test_training_works_on_fp8_stored_weights_cast_at_use(pack, lora_dir):
     assert {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
     before = module_hash(net)
     positive = [[torch.randn(1, 6, 32), {"pooled_output": torch.randn(1, 16), "guidance": 3.5}]]
-    model, lora, loss, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=2)
+    model, lora, loss, _, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=2)
     assert all(torch.isfinite(torch.tensor(loss["loss"]))) and all(v.dtype == torch.float32 for v in lora.values())
     assert module_hash(net) == before and {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
     (out,) = node("ShortcutSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 3, 3.25, False,

@@ -50,10 +50,10 @@ def teacher(comfyui):
     return patcher, positive
 
 
-def _samples(patcher, positive, steps: int, seed: int = 100, count: int = 32) -> torch.Tensor:
+def _samples(patcher, positive, steps: int, seed: int = 100, count: int = 32, shift: float = SHIFT) -> torch.Tensor:
     import nodes
     sampler = nodes.NODE_CLASS_MAPPINGS["ShortcutSampler"]()
-    (out,) = sampler.sample(patcher, positive, {"samples": torch.zeros(count, 16, 8, 8)}, seed, steps, SHIFT, False,
+    (out,) = sampler.sample(patcher, positive, {"samples": torch.zeros(count, 16, 8, 8)}, seed, steps, shift, False,
                             1.0, 1.0)
     return out["samples"]
 
@@ -73,16 +73,28 @@ def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
     data = {"samples": _samples(patcher, positive, 32, seed=7, count=64)}
     # tiny-model settings (rank, lr, faster EMAs, more teacher items) for a 300-step run; the rest are defaults
     with comfy_host.host_folders(loras=tmp_path):
-        model, lora, loss, plot, steps = train_node(
+        model, lora, loss, _, steps, _ = train_node(
             patcher, positive, data, steps=300, batch_size=32, learning_rate=1e-3, rank=16, alpha=16.0,
             teacher_ratio=0.7, checkpoint_every=0, save_name="teacher_test", shift_min=SHIFT, shift_max=SHIFT,
             resolution_shift_prob=0.0, guidance_min=3.5, guidance_max=3.5, ema_slow_decay=0.99,
-            ema_fast_decay=0.9, gradient_checkpointing=False, sample_shift=SHIFT)
+            ema_fast_decay=0.9, gradient_checkpointing=False, sample_shift=SHIFT, calibrate=True)
+        from shortcut_core import load_lora
+        from shortcut_core.calibration import Calibration
+        calibration = Calibration.from_dict(load_lora(tmp_path / "teacher_test.safetensors").metadata.calibration)
     assert module_hash(net) == before_hash  # training left the teacher's weights bit for bit
-    after = _rmse(_samples(model, positive, 3), reference)
+    # The node's MODEL carries the LoRA at the calibrated strength; ShortcutSampler at the calibrated shift.
+    chosen, _ = calibration.best
+    after = _rmse(_samples(model, positive, 3, shift=chosen.shift), reference)
     print(f"\n3-step RMSE to the teacher's 64-step samples: teacher {before:.4f}, shortcut {after:.4f} "
-          f"({before / after:.2f}x); loss {loss['loss'][0]:.4f} -> {loss['loss'][-1]:.4f}")
+          f"({before / after:.2f}x); loss {loss['loss'][0]:.4f} -> {loss['loss'][-1]:.4f}\n{calibration.text()}")
     assert after < 0.8 * before
+
+    # A poorer strength is never chosen over a better one: measured again through the nodes, on other noises.
+    host = comfy_host.pack_module("nodes.host")
+    by_strength = {s: _rmse(_samples(host.with_lora(patcher, lora, s), positive, 3, shift=chosen.shift), reference)
+                   for s in (1.0, 1.25, 1.5, 1.75)}
+    print("independent 3-step RMSE by strength at shift", chosen.shift, by_strength)
+    assert by_strength[chosen.strength] <= 1.05 * min(by_strength.values())
     # Sampling the LoRA model made the host write patched weights into the shared network, as it
     # does for any LoRA; unloading it puts the teacher's weights back.
     import comfy.model_management
