@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -174,5 +173,19 @@ def place_model_files(base_dir: Path, files: dict[str, list[str]], input_subfold
         (base_dir / "input" / sub).mkdir(parents=True, exist_ok=True)
 
 
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+DOCS_SCREENSHOTS = os.environ.get("SHORTCUT_FLOW_DOCS_SCREENSHOTS")  # a folder: README's screenshots are made there
+DOCS_WIDTH = 1280
+
+
+def keep_docs_screenshot(shot: Path) -> None:
+    """With SHORTCUT_FLOW_DOCS_SCREENSHOTS set, a small copy of the screenshot for the docs (PNG, 1280 wide)."""
+    if not DOCS_SCREENSHOTS:
+        return
+    from PIL import Image
+
+    folder = Path(DOCS_SCREENSHOTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    with Image.open(shot) as image:
+        small = image.convert("RGB").resize((DOCS_WIDTH, round(image.height * DOCS_WIDTH / image.width)), Image.LANCZOS)
+        small.quantize(colors=128).save(folder / shot.name, optimize=True)
+

@@ -38,7 +38,9 @@ def server(comfyui, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser(server, mappings):
+    # `mappings` loads ComfyUI's nodes in this process with asyncio.run, which cannot run inside the event
+    # loop playwright's sync API keeps: it is loaded before the browser starts.
     with comfy_server.chromium(server.url) as context:
         yield context
 
@@ -113,6 +115,7 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
         shot = tmp_path_factory.mktemp("screenshots") / f"{path.stem}.png"
         page.screenshot(path=str(shot))
         comfy_server.SCREENSHOTS.append(str(shot))
+        comfy_server.keep_docs_screenshot(shot)
 
         dialogs = page.evaluate("""() => Array.from(document.querySelectorAll('.p-dialog'))
                                        .map(d => d.innerText.slice(0, 300))""")
@@ -126,6 +129,11 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
             assert got["type"] == node["type"]
             assert got.get("widgets_values") == node.get("widgets_values"), \
                 f"node {node['id']} ({node['type']}): the frontend's widget values differ from the file's"
+
+        # Training shows what a user sets on every run; the rest is on Shortcut Training Options.
+        counts = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type === 'TrainShortcut')
+                                         .map(n => (n.widgets || []).length)""")
+        assert all(count <= 16 for count in counts), f"TrainShortcut shows {counts} widgets"
 
         queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
         expected = to_prompt(workflow, mappings)

@@ -169,7 +169,10 @@ def test_workflows_follow_their_recipes(mappings):
     assert train["save_name"] == "flux_shortcut_fewshot" and train["checkpoint_every"] == 200
     assert sampler["model"] == [train_id, 0] and sampler["steps"] == 3
     assert [s["lora"] for _, s in _recipe(b, "SaveLoRANode")] == [[train_id, 1]]
-    assert [p["images"] for _, p in _recipe(b, "PreviewImage")] == [[train_id, 3]]
+    assert sorted(p["images"] for _, p in _recipe(b, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
+    assert (train["preview_every"], train["calibrate"]) == (100, True)
+    [(options_id, options)] = _recipe(b, "ShortcutTrainingOptions")
+    assert train["options"] == [options_id, 0] and options["alpha"] == 64.0 and options["t_skip"] == 2
 
     c = prompts["flux_data_free_distill.json"]
     [(train_id, train)] = _recipe(c, "TrainShortcut")
@@ -185,6 +188,8 @@ def test_workflows_follow_their_recipes(mappings):
     assert student["seed"] == teacher["seed"] and student["latent_image"] == teacher["latent_image"]
     prefixes = sorted(s["filename_prefix"] for _, s in _recipe(c, "SaveImage"))
     assert any("teacher" in p for p in prefixes) and any("shortcut" in p for p in prefixes)
+    assert sorted(p["images"] for _, p in _recipe(c, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
+    assert (train["preview_every"], train["calibrate"]) == (100, True) and "options" not in train
 
 
 def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, placeholder_files):
@@ -224,3 +229,38 @@ def test_a_linked_steps_widget_ignores_its_own_value(mappings, placeholder_files
     assert isinstance(prompt[str(sampler["id"])]["inputs"]["steps"], list)
     valid, error, _, node_errors = _validate(prompt)
     assert (valid, node_errors) == (True, {})
+
+
+def test_a_train_shortcut_saved_with_0_1_0_is_refused_not_misread(mappings, placeholder_files):
+    """CHANGELOG 0.2.0: Train Shortcut's widgets changed. A 0.1.0 save's 36 values land in the new widgets by
+    position (as the frontend assigns them); ComfyUI must refuse that prompt rather than train on them."""
+    wf = load(comfy_host.PROJECT_ROOT / "workflows" / "flux_few_shot_train_shortcut.json")
+    [train] = [n for n in wf["nodes"] if n["type"] == "TrainShortcut"]
+    train["widgets_values"] = [2000, 8, 2e-05, 64, 64.0, 0, "flux_shortcut_fewshot", 200, "(none)", 1.0, 0.0, 7.5,
+                               True, 3, 3.25, 1.0, 2, 0.4, 32, 32, 0.0, 2.5, 4.5, 0.1, 0.999, 0.99, 0, 0.0001, 10.0,
+                               1, False, "", 0.9, 0.999, 1e-08, 0.99999]  # the 0.1.0 widget list
+    valid, _, good_outputs, node_errors = _validate(to_prompt(wf, mappings))
+    errors = node_errors[str(train["id"])]["errors"]
+    assert {e["extra_info"]["input_name"] for e in errors} >= {"resume_lora", "cfg"}
+    assert not set(good_outputs) & set(node_errors[str(train["id"])]["dependent_outputs"])
+
+
+# The authors' 3-step Flux LoRA: its direct file URL could not be confirmed from here (their pages are in the note).
+DOWNLOAD_UNCONFIRMED = {"flux-scfm-3step.safetensors"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_every_model_file_a_workflow_names_has_a_download_entry(path):
+    """As official templates do: the frontend's Missing Models dialog offers these entries for download."""
+    folder_of = {name: folder for folder, names in MODEL_FILES.items() for name in names}
+    checked = 0
+    for node in load(path)["nodes"]:
+        entries = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
+        for name in [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in folder_of]:
+            if name in DOWNLOAD_UNCONFIRMED:
+                continue
+            assert name in entries, f"node {node['id']} ({node['type']}) names {name} without a download entry"
+            assert entries[name]["directory"] == folder_of[name]
+            assert entries[name]["url"].startswith("https://huggingface.co/") and entries[name]["url"].endswith(name)
+            checked += 1
+    assert checked >= 4  # the Flux dev set: diffusion model, two text encoders, VAE
