@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     net, where = load_or_pretrain_teacher(real)
     print(f"teacher: {where}")
     if args.retrain or not args.lora.is_file():
-        result = distill(net, real, demo_config(args.steps))
+        result, _ = distill(net, real, demo_config(args.steps))
         args.lora.parent.mkdir(parents=True, exist_ok=True)
         save_lora(args.lora, result.lora, metadata=result.metadata)
     lora = load_lora(args.lora)

@@ -26,8 +26,12 @@ def test_demo_runs_end_to_end_and_reuses_its_teacher_cache(tmp_path, capsys):
     assert any(n.startswith("teacher, 3 steps, its best shift") for n in names)
     assert first["rmse"][f"teacher, {demo.REFERENCE_STEPS} steps (reference)"] == 0.0
 
+    assert any(n.startswith("shortcut LoRA, 3 steps, calibrated (strength ") for n in names)
     lora = load_lora(tmp_path / "out" / "digits-shortcut.safetensors")
     assert lora.metadata.steps == 3 and lora.metadata.config["trained_steps"] == 6
+    best, _ = first["calibration"].best
+    assert (lora.metadata.strength, lora.metadata.shift) == (best.strength, best.shift)
+    assert first["calibration"].samples == demo.CALIBRATION_NOISES
     png = (tmp_path / "out" / "digits-grid.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
