@@ -485,8 +485,14 @@ def with_lora(model, lora_model: dict, strength: float = 1.0):
 
 def free_output_paths(save_name: str, keep: str | None = None) -> tuple[str, str]:
     """output_paths, with _2, _3, ... appended while the LoRA file exists (unless it is `keep`,
-    the file being resumed): a new run never overwrites a user's file."""
+    the file being resumed): a new run never overwrites a user's file. The folder is made now, before
+    any training, when it does not exist yet (a fresh --base-directory has no models/loras)."""
     lora, state = output_paths(save_name)
+    try:
+        os.makedirs(os.path.dirname(lora), exist_ok=True)
+    except OSError as e:
+        raise HostInputError(f"save_name: cannot create the LoRA folder {os.path.dirname(lora)!r} ({e.strerror or e}); "
+                             f"create it or point ComfyUI's loras folder at a writable place") from e
     stem, n = lora[: -len(".safetensors")], 1
     while os.path.exists(lora) and (keep is None or os.path.abspath(lora) != os.path.abspath(keep)):
         n += 1

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import latent_preview
 
@@ -20,8 +20,9 @@ from ..shortcut_core.calibration import Recipe
 from ..shortcut_core.schedules import shifted_schedule
 from ..shortcut_core.trainer import ShortcutTrainer, StepReport
 
-MIN_PANEL_HEIGHT = 128  # latent-to-RGB pictures are at latent size: enlarged so the labels and shapes read
-LABEL_BAND = 16
+MIN_PANEL_HEIGHT = 160  # latent-to-RGB pictures are at latent size: enlarged so the labels and shapes read
+LABEL_BAND = 20
+LABEL_SIZE = 13
 
 
 def latent_previewer(patcher):
@@ -44,10 +45,14 @@ def side_by_side(previewer, panels: list[torch.Tensor], labels: list[str]) -> Im
     out = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), images[0].height + LABEL_BAND),
                     (24, 24, 24))
     draw = ImageDraw.Draw(out)
+    try:
+        font = ImageFont.load_default(size=LABEL_SIZE)  # Pillow >= 10.1 ships a scalable default font
+    except TypeError:
+        font = ImageFont.load_default()
     x = 0
     for image, label in zip(images, labels):
         out.paste(image, (x, LABEL_BAND))
-        draw.text((x + 3, 2), label, fill=(235, 235, 235))
+        draw.text((x + 4, 3), label, fill=(235, 235, 235), font=font)
         x += image.width + gap
     return out
 

@@ -66,20 +66,19 @@ class Calibration:
         return cls(table=table, reference_steps=int(data["reference_steps"]), samples=int(data["samples"]))
 
     def text(self) -> str:
-        """The table as a user reads it: per step count, strength down and shift across."""
+        """The table as a user reads it in a narrow node: per step count, strength down and shift across."""
         best, best_distance = self.best
         base, base_distance = self.baseline
-        lines = [f"calibrated recipe: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g} "
-                 f"(distance {best_distance:.4g}; strength 1, shift {base.shift:.3g}: {base_distance:.4g})",
-                 f"rms distance to the teacher's {self.reference_steps}-step samples, {self.samples} held-out "
-                 f"noises (lower is better)"]
+        lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}",
+                 f"rms {best_distance:.4f} (strength 1, shift {base.shift:.3g}: {base_distance:.4f})",
+                 f"rms to the teacher's {self.reference_steps}-step samples, {self.samples} held-out noises:"]
         for steps in sorted({r.steps for r, _ in self.table}):
             rows = [(r, d) for r, d in self.table if r.steps == steps]
             shifts = sorted({r.shift for r, _ in rows})
-            lines.append(f"{steps} steps, shift:  " + "  ".join(f"{h:>6.3g}" for h in shifts))
+            lines.append(f"{steps} steps, shift " + " ".join(f"{h:>6.3g}" for h in shifts))
             for strength in sorted({r.strength for r, _ in rows}):
                 cells = {r.shift: d for r, d in rows if r.strength == strength}
-                lines.append(f"  strength {strength:<5g}" + "  ".join(f"{cells[h]:>6.4f}" for h in shifts))
+                lines.append(f"  strength {strength:<4g} " + " ".join(f"{cells[h]:>6.4f}" for h in shifts))
         return "\n".join(lines)
 
 

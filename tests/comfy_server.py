@@ -25,6 +25,8 @@ from comfy_host import PROJECT_ROOT
 PACK_NAME = "shortcut-flow"
 # What the server installs: this checkout, or (CI) the release `comfy node pack` made of it, unpacked.
 PACK_DIR = Path(os.environ.get("SHORTCUT_FLOW_PACK_DIR") or PROJECT_ROOT).resolve()
+# Beside it, a tiny Flux as a loader node, so that the frontend can run a training on a CPU.
+TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
 CHROMIUM = "/usr/bin/chromium"
 # The flags of a browser that must stay on this machine: nothing in the background phones home.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -98,9 +100,10 @@ class ComfyServer:
     def _prepare(self) -> None:
         custom_nodes = self.base_dir / "custom_nodes"
         custom_nodes.mkdir(parents=True, exist_ok=True)
-        link = custom_nodes / PACK_NAME
-        if not link.exists():
-            link.symlink_to(PACK_DIR, target_is_directory=True)
+        for name, target in ((PACK_NAME, PACK_DIR), (TEST_NODES.name, TEST_NODES)):
+            link = custom_nodes / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         settings = self.base_dir / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps(USER_SETTINGS), encoding="utf-8")

@@ -34,7 +34,8 @@ def test_the_best_recipe_is_the_closest_at_the_loras_own_step_count():
     assert calibration.baseline == (Recipe(3, 1.0, 3.0), pytest.approx(0.5))
     assert Calibration.from_dict(calibration.to_dict()).table == calibration.table
     text = calibration.text()
-    assert "calibrated recipe: 3 steps, strength 1.5, shift 4.5" in text and "6 steps" in text
+    assert text.startswith("calibrated: 3 steps, strength 1.5, shift 4.5\nrms 0.1000 (strength 1, shift 3: 0.5000)")
+    assert "6 steps, shift" in text and max(len(line) for line in text.splitlines()) <= 64
 
 
 def test_the_distance_is_the_root_mean_square_difference():

@@ -148,3 +148,43 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
     finally:
         page.close()
 
+
+
+TRAINING_PROMPT = {  # the API prompt of a small training graph: tiny Flux -> Train Shortcut -> two previews
+    "1": {"class_type": "TinyFluxForTests", "inputs": {"seed": 3}},
+    "2": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["1", 1], "guidance": 3.5}},
+    "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+    "4": {"class_type": "TrainShortcut", "inputs": {
+        "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "steps": 12, "batch_size": 2,
+        "learning_rate": 0.001, "rank": 4, "seed": 0, "save_name": "frontend_run", "checkpoint_every": 0,
+        "resume_lora": "(none)", "cfg": 1.0, "preview_every": 4, "calibrate": True}},
+    "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 3]}},
+    "6": {"class_type": "PreviewImage", "inputs": {"images": ["4", 5]}},
+}
+
+
+def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_recipe(server, browser,
+                                                                                        tmp_path_factory):
+    """Queued as the Run button queues it: the node shows few-step previews as it trains, its text ends with
+    the calibrated recipe, and both image outputs are previewed."""
+    page, page_errors, console_errors = _open_app(browser, server.url)
+    try:
+        page.evaluate("async (prompt) => { await window.app.loadApiJson(prompt, 'training'); }", TRAINING_PROMPT)
+        page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        node_state = """() => window.app.graph._nodes.map(n => [n.type, (n.imgs || []).length,
+            ((n.widgets || []).find(w => w.name === '$$node-text-preview') || {}).value || ''])"""
+        # polled once a second: polling on every animation frame would take the CPU the server trains on
+        page.wait_for_function(f"() => ({node_state})().filter(([t, imgs]) => t === 'PreviewImage' && imgs).length === 2",
+                               timeout=240_000, polling=1000)
+        shot = tmp_path_factory.mktemp("screenshots") / "training_run.png"
+        page.screenshot(path=str(shot))
+        comfy_server.SCREENSHOTS.append(str(shot))
+        comfy_server.keep_docs_screenshot(shot)
+        [(_, previews, text)] = [row for row in page.evaluate(node_state) if row[0] == "TrainShortcut"]
+        assert previews >= 1, "no few-step preview reached the Train Shortcut node"
+        assert text.startswith("calibrated: 3 steps, strength "), text
+        assert (server.base_dir / "models" / "loras" / "frontend_run.safetensors").is_file()
+        assert not page_errors, "the frontend threw:\n" + "\n\n".join(page_errors)
+        assert not console_errors, "the frontend logged errors:\n" + "\n".join(console_errors)
+    finally:
+        page.close()

@@ -252,3 +252,21 @@ def test_cancel_leaves_other_models_of_the_same_network_unaffected(flux, lora_di
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert all(torch.equal(a, b) for a, b in zip(_samples(others, positive), before_samples))
+
+
+def test_a_missing_loras_folder_is_made_before_training(flux, tmp_path):
+    """A fresh --base-directory has no models/loras: the run must not lose its work at the first write."""
+    patcher, positive = flux
+    folder = tmp_path / "fresh" / "models" / "loras"
+    with comfy_host.host_folders(loras=folder):
+        train_node(patcher, positive, latents(), steps=1, save_name="fresh")
+    assert (folder / "fresh.safetensors").is_file() and (folder / "fresh.train_state").is_file()
+
+
+def test_a_loras_folder_that_cannot_be_made_is_refused_before_training(flux, tmp_path):
+    patcher, positive = flux
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with comfy_host.host_folders(loras=blocker / "loras"):
+        with pytest.raises(ValueError, match="save_name: cannot create the LoRA folder .*a_file/loras"):
+            train_node(patcher, positive, latents(), steps=1, save_name="x")
