@@ -93,6 +93,17 @@ def mappings(pack):
 
 
 @pytest.fixture()
+def flux(pack):
+    """A tiny Flux built under inference_mode (as ComfyUI builds models) and one conditioning: (patcher, positive).
+    Modules that need more (a negative) define their own."""
+    import torch
+
+    with torch.inference_mode():
+        _, patcher = comfy_host.tiny_flux(seed=1)
+    return patcher, comfy_host.flux_positive(patcher, tokens=6, seed=7)
+
+
+@pytest.fixture()
 def lora_dir(comfyui, tmp_path):
     """An empty models/loras for the test."""
     folder = tmp_path / "loras"

@@ -16,17 +16,7 @@ import torch
 import comfy_host
 from hashing import module_hash
 from test_host_nodes import node, train_node
-
-
-@pytest.fixture()
-def flux(pack):
-    with torch.inference_mode():
-        _, patcher = comfy_host.tiny_flux(seed=1)
-    return patcher, comfy_host.flux_positive(patcher, tokens=6, seed=7)
-
-
-def latents(count=4):
-    return {"samples": torch.randn(count, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+from test_host_reliability import latents
 
 
 def _with_sampling(patcher, prediction):

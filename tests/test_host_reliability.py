@@ -16,15 +16,6 @@ from hashing import module_hash
 from test_host_nodes import cancel_after_step, node, train_node
 
 
-@pytest.fixture()
-def flux(pack):
-    with torch.inference_mode():
-        _, patcher = comfy_host.tiny_flux(seed=1)
-    g = torch.Generator().manual_seed(7)
-    positive = [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5}]]
-    return patcher, positive
-
-
 def latents(count=4, size=8):
     return {"samples": torch.randn(count, 16, size, size, generator=torch.Generator().manual_seed(3))}
 

@@ -7,19 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import comfy_host
 from test_host_nodes import node, train_node
-
-
-@pytest.fixture()
-def flux(pack):
-    with torch.inference_mode():
-        _, patcher = comfy_host.tiny_flux(seed=1)
-    return patcher, comfy_host.flux_positive(patcher, tokens=6, seed=7)
-
-
-def latents(count=4):
-    return {"samples": torch.randn(count, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+from test_host_reliability import latents
 
 
 @pytest.fixture()
