@@ -295,11 +295,15 @@ class _TrainingSampler(comfy.samplers.Sampler):
             show = run.progress.preview if run.progress is not None else (lambda step, picture: None)
             preview = None if previewer is None else host_preview.TrainingPreview(
                 trainer, previewer, show, tuple(latents.shape[1:]), run.preview_every)
-            steps = [c for c in (run.progress, preview) if c is not None]
+            watchers = [w for w in (run.progress, preview) if w is not None]
+
+            def after_step(report: StepReport) -> None:
+                for watcher in watchers:
+                    watcher(report)
+
             on_checkpoint = None if run.on_checkpoint is None else (lambda: run.on_checkpoint(trainer))
-            result = trainer.train(callback=lambda report: [c(report) for c in steps],
-                                   checkpoint_path=run.checkpoint_path, on_checkpoint=on_checkpoint,
-                                   progress=comfy.utils.PROGRESS_BAR_ENABLED)
+            result = trainer.train(callback=after_step, checkpoint_path=run.checkpoint_path,
+                                   on_checkpoint=on_checkpoint, progress=comfy.utils.PROGRESS_BAR_ENABLED)
             calibration = None
             if run.calibrate:
                 calibration = self._calibrate(trainer, velocity, tuple(latents.shape[1:]))
