@@ -2,6 +2,7 @@
 
 from .lora_loader import ShortcutLoRALoader
 from .sampler import ShortcutSampler, ShortcutScheduler
+from .teacher_latents import ShortcutTeacherLatents
 from .train import ShortcutTrainingOptions, TrainShortcut
 
 NODE_CLASS_MAPPINGS = {
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "ShortcutLoRALoader": ShortcutLoRALoader,
     "TrainShortcut": TrainShortcut,
     "ShortcutTrainingOptions": ShortcutTrainingOptions,
+    "ShortcutTeacherLatents": ShortcutTeacherLatents,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -18,4 +20,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ShortcutLoRALoader": "Shortcut LoRA Loader",
     "TrainShortcut": "Train Shortcut (SCFM)",
     "ShortcutTrainingOptions": "Shortcut Training Options",
+    "ShortcutTeacherLatents": "Shortcut Teacher Latents",
 }

@@ -144,15 +144,17 @@ class TrainShortcut:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "IMAGE", "INT", "IMAGE")
-    RETURN_NAMES = ("model", "lora", "loss", "preview", "steps", "loss_plot")
+    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "IMAGE", "INT", "IMAGE", "INT", "FLOAT")
+    RETURN_NAMES = ("model", "lora", "loss", "preview", "steps", "loss_plot", "sample_steps", "sample_shift")
     OUTPUT_TOOLTIPS = ("The input model with the trained shortcut LoRA applied at its recommended strength.",
                        "The LoRA, for the stock Save LoRA Weights and Load LoRA Model nodes.",
                        "Loss per step, for the stock Plot Loss Graph node.",
                        "Teacher at the LoRA's few steps | trained student (its recommended recipe) | teacher at "
                        "many steps, from one fixed noise, decoded by the latent previewer.",
                        "Optimizer steps the LoRA has been trained for.",
-                       "The loss curve (light: per step, dark: moving average).")
+                       "The loss curve (light: per step, dark: moving average).",
+                       "Steps the LoRA is for, for Shortcut Sampler's steps.",
+                       "Shift the LoRA recommends (calibrated when calibrate is on), for Shortcut Sampler's shift.")
     FUNCTION = "train"
     CATEGORY = "training"
     DESCRIPTION = ("Distils the model into a few-step sampler with SCFM (velocity-field self-distillation, dual "
@@ -213,7 +215,8 @@ class TrainShortcut:
         plot = torch.from_numpy(loss_curve_image(result.losses))[None]
         preview = outcome.comparison if outcome.comparison is not None else torch.zeros(1, 64, 192, 3)
         patched = host.with_lora(model, lora_model, result.metadata.strength)
-        outputs = (patched, lora_model, {"loss": list(result.losses)}, preview, result.steps, plot)
+        outputs = (patched, lora_model, {"loss": list(result.losses)}, preview, result.steps, plot,
+                   result.metadata.steps, float(result.metadata.shift))
         if outcome.calibration is None:
             return outputs
         return {"ui": {"text": [outcome.calibration.text()]}, "result": outputs}

@@ -53,6 +53,9 @@ def start_comfyui() -> tuple[Path | None, str]:
         from comfy.cli_args import args
 
         args.cpu = True
+        # main.py imports ComfyUI's `utils` package before nodes.py puts comfy/ first on sys.path, where
+        # comfy/utils.py would shadow it: built-in nodes that import the server (ImageStitch, ...) need it.
+        import utils.extra_config  # noqa: F401
         import comfy.model_management  # noqa: F401
         import comfy.model_patcher  # noqa: F401
         import comfy.sd  # noqa: F401
@@ -238,3 +241,43 @@ def widget_defaults(node_class) -> dict:
     """{input: default} for a node class's required inputs that declare one (its widgets)."""
     return {name: options[0]["default"] for name, (kind, *options) in node_class.INPUT_TYPES()["required"].items()
             if options and "default" in options[0]}
+
+
+TINY_CLIP = {"hidden_act": "quick_gelu", "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_hidden_layers": 2, "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-5,
+             "projection_dim": 32, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1}
+
+
+def tiny_clip(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI CLIP (comfy.sd.CLIP over an SD1-style text model at width 32 with the host's own CLIP
+    tokenizer): context [1, 77 * chunks, 32] (a prompt over 75 tokens takes two chunks, so prompts give
+    conditionings of different lengths, as long T5 prompts do) and pooled [1, 32]. Pairs with
+    tiny_flux(vec_in_dim=32)."""
+    import functools
+    import types
+
+    import torch
+    import comfy.sd
+    import comfy.sd1_clip
+
+    class TinyClipModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, textmodel_json_config=dict(TINY_CLIP),
+                             model_options=model_options, return_projected_pooled=False)
+
+    class TinyClip(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_model=TinyClipModel)
+
+    class TinyTokenizer(comfy.sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data,
+                             tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, embedding_size=32))
+
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(types.SimpleNamespace(params={}, clip=TinyClip, tokenizer=TinyTokenizer),
+                             model_options={"dtype": torch.float32})
+        g = torch.Generator().manual_seed(seed)
+        for p in clip.cond_stage_model.parameters():  # the host leaves torch.empty weights: fill them
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    return clip

@@ -150,12 +150,14 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
 
 
 
-TRAINING_PROMPT = {  # the API prompt of a small training graph: tiny Flux -> Train Shortcut -> two previews
+TRAINING_PROMPT = {  # a small data-free graph: tiny Flux -> teacher latents from prompts -> Train Shortcut -> previews
     "1": {"class_type": "TinyFluxForTests", "inputs": {"seed": 3}},
-    "2": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["1", 1], "guidance": 3.5}},
-    "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+    "3": {"class_type": "ShortcutTeacherLatents", "inputs": {
+        "model": ["1", 0], "clip": ["1", 2], "prompts": "a red cube\na blue sphere\n# a comment\na green cone",
+        "per_prompt": 2, "width": 64, "height": 64, "steps": 4, "guidance": 3.5, "cfg": 1.0, "negative_prompt": "",
+        "seed": 0, "batch_size": 2, "cache": True, "schedule": "teacher: euler, simple", "shift": 3.25}},
     "4": {"class_type": "TrainShortcut", "inputs": {
-        "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 0], "steps": 12, "batch_size": 2,
+        "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "steps": 12, "batch_size": 2,
         "learning_rate": 0.001, "rank": 4, "seed": 0, "save_name": "frontend_run", "checkpoint_every": 0,
         "resume_lora": "(none)", "cfg": 1.0, "preview_every": 4, "calibrate": True}},
     "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 3]}},
@@ -165,8 +167,9 @@ TRAINING_PROMPT = {  # the API prompt of a small training graph: tiny Flux -> Tr
 
 def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_recipe(server, browser,
                                                                                         tmp_path_factory):
-    """Queued as the Run button queues it: the node shows few-step previews as it trains, its text ends with
-    the calibrated recipe, and both image outputs are previewed."""
+    """Queued as the Run button queues it: the teacher's latents are made from prompts (and cached), the
+    training node shows few-step previews as it trains, its text ends with the calibrated recipe, and both
+    image outputs are previewed."""
     page, page_errors, console_errors = _open_app(browser, server.url)
     try:
         page.evaluate("async (prompt) => { await window.app.loadApiJson(prompt, 'training'); }", TRAINING_PROMPT)
@@ -184,6 +187,7 @@ def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_r
         assert previews >= 1, "no few-step preview reached the Train Shortcut node"
         assert text.startswith("calibrated: 3 steps, strength "), text
         assert (server.base_dir / "models" / "loras" / "frontend_run.safetensors").is_file()
+        assert len(list((server.base_dir / "output" / "shortcut_teacher_cache").glob("*.safetensors"))) == 6
         assert not page_errors, "the frontend threw:\n" + "\n\n".join(page_errors)
         assert not console_errors, "the frontend logged errors:\n" + "\n".join(console_errors)
     finally:

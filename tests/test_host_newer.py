@@ -130,8 +130,8 @@ def test_a_dynamic_vram_model_trains_through_its_non_dynamic_delegate(flux, lora
     dynamic_class = _dynamic_patcher_class(delegate)
     dynamic = dynamic_class(patcher.model, patcher.load_device, patcher.offload_device)
     before = module_hash(patcher.model.diffusion_model)
-    model, lora, _, _, steps, _ = train_node(dynamic, positive, latents(), steps=2, save_name="dynamic")
-    _, plain_lora, _, _, _, _ = train_node(patcher, positive, latents(), steps=2, save_name="plain")
+    model, lora, _, _, steps, _, _, _ = train_node(dynamic, positive, latents(), steps=2, save_name="dynamic")
+    _, plain_lora, _, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=2, save_name="plain")
     assert steps == 2 and len(delegates) == 1
     assert lora.keys() == plain_lora.keys() and all(torch.equal(lora[k], plain_lora[k]) for k in lora)
     # the MODEL output is the user's dynamic model with the LoRA as patches; its network is untouched
@@ -198,9 +198,9 @@ def test_a_cancel_inside_a_forward_keeps_the_last_whole_step(flux, lora_dir, mon
         patch.setattr(progress, "__call__", after_step)
         train_node(model, positive, latents(), steps=5, checkpoint_every=0, save_name="cut")
     assert load_lora(lora_dir / "cut.safetensors").metadata.config["trained_steps"] == 2
-    _, resumed, _, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="cut",
+    _, resumed, _, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="cut",
                                      resume_lora="cut.safetensors")
-    _, straight, _, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="straight")
+    _, straight, _, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="straight")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 

@@ -27,7 +27,8 @@ def node(name):
 def test_the_pack_registers_its_nodes_through_the_host_loader_with_tooltips_on_every_input(pack):
     import nodes
     assert set(comfy_host._state["pack_nodes"]) == {"ShortcutSampler", "ShortcutScheduler", "ShortcutLoRALoader",
-                                                   "TrainShortcut", "ShortcutTrainingOptions"}
+                                                   "TrainShortcut", "ShortcutTrainingOptions",
+                                                   "ShortcutTeacherLatents"}
     for name in comfy_host._state["pack_nodes"]:
         cls = nodes.NODE_CLASS_MAPPINGS[name]
         spec = cls.INPUT_TYPES()
@@ -132,7 +133,7 @@ def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untou
     net = patcher.model.diffusion_model
     before = module_hash(net)
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    model, lora, loss, preview, steps, plot = train_node(patcher, positive, latents)
+    model, lora, loss, preview, steps, plot, _, _ = train_node(patcher, positive, latents)
     assert steps == 3 and len(loss["loss"]) == 3 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
     assert any(k.endswith(".lora_up.weight") for k in lora) and all(k.startswith("diffusion_model.") for k in lora)
@@ -158,10 +159,10 @@ def test_train_shortcut_returns_a_working_lora_and_leaves_the_shared_model_untou
 def test_train_shortcut_resumes_exactly_from_its_training_state(flux, lora_dir):
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    _, straight, loss_straight, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
-    _, _, _, _, steps, _ = train_node(patcher, positive, latents, steps=2, save_name="part")
+    _, straight, loss_straight, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    _, _, _, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=2, save_name="part")
     assert steps == 2 and (lora_dir / "part.train_state").is_file()
-    _, resumed, loss_resumed, _, steps, _ = train_node(patcher, positive, latents, steps=4, save_name="part",
+    _, resumed, loss_resumed, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="part",
                                                     resume_lora="part.safetensors")
     assert steps == 4 and loss_resumed["loss"] == loss_straight["loss"]
     assert straight.keys() == resumed.keys()
@@ -175,7 +176,7 @@ def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites
     train_node(patcher, positive, latents, steps=2, save_name="first")
     (lora_dir / "first.train_state").unlink()
     first = (lora_dir / "first.safetensors").read_bytes()
-    _, _, _, _, steps, _ = train_node(patcher, positive, latents, steps=2, save_name="first", resume_lora="first.safetensors")
+    _, _, _, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=2, save_name="first", resume_lora="first.safetensors")
     assert steps == 2 and (lora_dir / "first.safetensors").read_bytes() != first  # trained on, written back
     before = (lora_dir / "first.safetensors").read_bytes()
     train_node(patcher, positive, latents, steps=1, save_name="first")  # a new run with a taken name
@@ -221,9 +222,9 @@ def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouche
     assert module_hash(net) == before
     assert not any(hasattr(m, "lora_A") or m._forward_hooks or m._forward_pre_hooks for m in net.modules())
     # and it resumes from there to the same LoRA as a run that was never cancelled
-    _, resumed, _, _, steps, _ = train_node(patcher, positive, latents, steps=4, save_name="cancelled",
+    _, resumed, _, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="cancelled",
                                          resume_lora="cancelled.safetensors")
-    _, straight, _, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
+    _, straight, _, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, save_name="straight")
     assert steps == 4 and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -252,7 +253,7 @@ def test_sd3_samples_like_stock_euler_and_trains_with_true_cfg(pack, lora_dir):
     assert torch.equal(ours["samples"], _stock_euler(patcher, positive, negative, latent, 3, sigmas, 3.5))
 
     latents = {"samples": torch.randn(3, 16, 8, 8, generator=g)}
-    model, lora, loss, _, steps, _ = train_node(patcher, positive, latents, steps=2, negative=negative, cfg=3.5,
+    model, lora, loss, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=2, negative=negative, cfg=3.5,
                                              resolution_shift_prob=0.0, max_grad_norm=2.0, save_name="sd3")
     assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
     assert any(".joint_blocks." in k for k in lora)
@@ -339,7 +340,7 @@ def test_a_changed_option_reaches_the_trainer_and_bad_options_are_named(flux, lo
 def test_target_modules_limits_the_lora_to_those_layers(flux, lora_dir):
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    _, lora, _, _, _, _ = train_node(patcher, positive, latents, steps=1, target_modules="img_attn.qkv, linear1")
+    _, lora, _, _, _, _, _, _ = train_node(patcher, positive, latents, steps=1, target_modules="img_attn.qkv, linear1")
     layers = {k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora}
     assert layers == {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.single_blocks.0.linear1",
                       "diffusion_model.single_blocks.1.linear1"}
@@ -352,7 +353,7 @@ def test_training_works_on_fp8_stored_weights_cast_at_use(pack, lora_dir):
     assert {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
     before = module_hash(net)
     positive = [[torch.randn(1, 6, 32), {"pooled_output": torch.randn(1, 16), "guidance": 3.5}]]
-    model, lora, loss, _, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=2)
+    model, lora, loss, _, _, _, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=2)
     assert all(torch.isfinite(torch.tensor(loss["loss"]))) and all(v.dtype == torch.float32 for v in lora.values())
     assert module_hash(net) == before and {p.dtype for p in net.parameters()} == {torch.float8_e4m3fn}
     (out,) = node("ShortcutSampler").sample(model, positive, {"samples": torch.zeros(1, 16, 8, 8)}, 0, 3, 3.25, False,

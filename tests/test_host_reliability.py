@@ -219,7 +219,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(flux, lora_dir,
     assert not [p for p in lora_dir.iterdir() if p.name.startswith(".tmp-")]
     assert module_hash(net) == before
     # and the kept step-1 state resumes
-    _, _, _, _, steps, _ = train_node(patcher, positive, latents(), steps=2, save_name="cancelled",
+    _, _, _, _, steps, _, _, _ = train_node(patcher, positive, latents(), steps=2, save_name="cancelled",
                                    resume_lora="cancelled.safetensors")
     assert steps == 2
 

@@ -73,7 +73,7 @@ def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
     data = {"samples": _samples(patcher, positive, 32, seed=7, count=64)}
     # tiny-model settings (rank, lr, faster EMAs, more teacher items) for a 300-step run; the rest are defaults
     with comfy_host.host_folders(loras=tmp_path):
-        model, lora, loss, _, steps, _ = train_node(
+        model, lora, loss, _, steps, _, _, _ = train_node(
             patcher, positive, data, steps=300, batch_size=32, learning_rate=1e-3, rank=16, alpha=16.0,
             teacher_ratio=0.7, checkpoint_every=0, save_name="teacher_test", shift_min=SHIFT, shift_max=SHIFT,
             resolution_shift_prob=0.0, guidance_min=3.5, guidance_max=3.5, ema_slow_decay=0.99,

@@ -44,9 +44,9 @@ def test_previews_reach_the_node_through_the_hosts_progress_bar(flux, lora_dir, 
 
 def test_previews_never_change_the_training_result(flux, lora_dir):
     patcher, positive = flux
-    _, watched, loss_watched, _, _, _ = train_node(patcher, positive, latents(), steps=3, preview_every=1,
+    _, watched, loss_watched, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=3, preview_every=1,
                                                    save_name="watched")
-    _, plain, loss_plain, _, _, _ = train_node(patcher, positive, latents(), steps=3, preview_every=0,
+    _, plain, loss_plain, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=3, preview_every=0,
                                                save_name="plain")
     assert loss_watched == loss_plain
     assert watched.keys() == plain.keys() and all(torch.equal(watched[k], plain[k]) for k in plain)
@@ -54,7 +54,7 @@ def test_previews_never_change_the_training_result(flux, lora_dir):
 
 def test_the_preview_output_is_the_final_comparison(flux, lora_dir):
     patcher, positive = flux
-    _, _, _, preview, _, plot = train_node(patcher, positive, latents(), steps=2, preview_every=0)
+    _, _, _, preview, _, plot, _, _ = train_node(patcher, positive, latents(), steps=2, preview_every=0)
     assert preview.dtype == torch.float32 and preview.shape[0] == 1 and preview.shape[-1] == 3
     assert preview.shape[1] >= 128 and preview.shape[2] > 3 * (preview.shape[1] - 20)  # three labelled panels
     assert 0.0 <= float(preview.min()) and float(preview.max()) <= 1.0 and float(preview.std()) > 0.01
@@ -66,12 +66,13 @@ def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flu
     from shortcut_core.calibration import Calibration
     patcher, positive = flux
     out = type(node("TrainShortcut"))
-    _, lora, _, _, _, _ = train_node(patcher, positive, latents(), steps=2, calibrate=True, save_name="calibrated",
-                                     sample_shift=2.0)
+    _, lora, _, _, _, _, recipe_steps, recipe_shift = train_node(patcher, positive, latents(), steps=2, calibrate=True,
+                                                                 save_name="calibrated", sample_shift=2.0)
     metadata = load_lora(lora_dir / "calibrated.safetensors").metadata
     calibration = Calibration.from_dict(metadata.calibration)
     best, distance = calibration.best
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
+    assert (recipe_steps, recipe_shift) == (best.steps, best.shift)  # the node's outputs, for Shortcut Sampler
     assert distance == min(d for r, d in calibration.table if r.steps == 3)
     assert calibration.samples == 4 and calibration.reference_steps == 32 and len(calibration.table) == 24
     assert {r.shift for r, _ in calibration.table} == {2.0, 2.0 / 1.5, 3.0}

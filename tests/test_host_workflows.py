@@ -167,7 +167,7 @@ def test_workflows_follow_their_recipes(mappings):
     [(_, sampler)] = _recipe(b, "ShortcutSampler")
     assert data["folder"] == "shortcut_fewshot" and train["positive"] == [data_id, 1]
     assert train["save_name"] == "flux_shortcut_fewshot" and train["checkpoint_every"] == 200
-    assert sampler["model"] == [train_id, 0] and sampler["steps"] == 3
+    assert sampler["model"] == [train_id, 0] and (sampler["steps"], sampler["shift"]) == ([train_id, 6], [train_id, 7])
     assert [s["lora"] for _, s in _recipe(b, "SaveLoRANode")] == [[train_id, 1]]
     assert sorted(p["images"] for _, p in _recipe(b, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
     assert (train["preview_every"], train["calibrate"]) == (100, True)
@@ -175,35 +175,46 @@ def test_workflows_follow_their_recipes(mappings):
     assert train["options"] == [options_id, 0] and options["alpha"] == 64.0 and options["t_skip"] == 2
 
     c = prompts["flux_data_free_distill.json"]
+    host_teacher = comfy_host.pack_module("nodes.host_teacher")
     [(train_id, train)] = _recipe(c, "TrainShortcut")
-    samplers = dict(_recipe(c, "KSampler"))
-    for s in samplers.values():
-        assert (s["steps"], s["sampler_name"], s["scheduler"], s["cfg"]) == (28, "euler", "simple", 1.0)
-    teacher_data = samplers[train["latents"][0]]
-    assert c[teacher_data["latent_image"][0]]["inputs"]["batch_size"] == 8
-    assert teacher_data["positive"] == train["positive"]  # one conditioning for all
-    [(_, student)] = _recipe(c, "ShortcutSampler")
-    [teacher] = [s for k, s in samplers.items() if k != train["latents"][0]]
-    assert student["model"] == [train_id, 0] and student["steps"] == 3
-    assert student["seed"] == teacher["seed"] and student["latent_image"] == teacher["latent_image"]
-    prefixes = sorted(s["filename_prefix"] for _, s in _recipe(c, "SaveImage"))
-    assert any("teacher" in p for p in prefixes) and any("shortcut" in p for p in prefixes)
-    assert sorted(p["images"] for _, p in _recipe(c, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
+    makers = dict(_recipe(c, "ShortcutTeacherLatents"))
+    data = makers[train["latents"][0]]
+    assert train["positive"] == [train["latents"][0], 1]  # one conditioning per teacher latent
+    training_prompts = host_teacher.parse_prompts(data["prompts"])
+    assert len(training_prompts) >= 32 and len(set(training_prompts)) == len(training_prompts)
+    assert (data["steps"], data["schedule"], data["cache"]) == (28, host_teacher.TEACHER_SCHEDULE, True)
     assert (train["preview_every"], train["calibrate"]) == (100, True) and "options" not in train
+    assert sorted(p["images"] for _, p in _recipe(c, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
+    # the comparison: held-out prompts, same seed, teacher at 28 steps vs the trained model at its recipe
+    [(teacher_id, teacher)] = [(k, m) for k, m in makers.items() if m["model"] != [train_id, 0] and k != train["latents"][0]]
+    [(student_id, student)] = [(k, m) for k, m in makers.items() if m["model"] == [train_id, 0]]
+    assert teacher["prompts"] == student["prompts"] and teacher["seed"] == student["seed"]
+    compare_prompts = host_teacher.parse_prompts(c[teacher["prompts"][0]]["inputs"]["value"])
+    assert compare_prompts and not set(compare_prompts) & set(training_prompts)
+    assert (teacher["steps"], teacher["schedule"]) == (28, host_teacher.TEACHER_SCHEDULE)
+    assert (student["steps"], student["shift"], student["schedule"]) == \
+        ([train_id, 6], [train_id, 7], host_teacher.SHORTCUT_SCHEDULE)
+    [(stitch_id, stitch)] = _recipe(c, "ImageStitch")
+    assert c[stitch["image1"][0]]["inputs"]["samples"] == [teacher_id, 0]
+    assert c[stitch["image2"][0]]["inputs"]["samples"] == [student_id, 0]
+    assert [s["images"] for _, s in _recipe(c, "SaveImage")] == [[stitch_id, 0]]
 
 
-def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, placeholder_files):
-    """A ShortcutSampler steps widget of 0 (min 1) is caught: the validator really checks our inputs."""
-    checked = 0
+OUR_STEPS_WIDGETS = ("ShortcutSampler", "TrainShortcut", "ShortcutTeacherLatents")  # each has `steps`, min 1
+
+
+def test_the_hosts_validation_rejects_our_steps_below_their_minimum(mappings, placeholder_files):
+    """A `steps` widget of 0 (min 1) on any of our nodes is caught: the validator really checks our inputs."""
+    checked = set()
     for path in WORKFLOWS:
         wf = load(path)
         for node in wf["nodes"]:
-            if node["type"] != "ShortcutSampler" or any(i["name"] == "steps" and i.get("link") is not None
-                                                        for i in node.get("inputs", [])):
+            if node["type"] not in OUR_STEPS_WIDGETS or any(i["name"] == "steps" and i.get("link") is not None
+                                                            for i in node.get("inputs", [])):
                 continue
             bad = copy.deepcopy(wf)
             target = next(n for n in bad["nodes"] if n["id"] == node["id"])
-            names = [name for name, control in class_widgets(mappings["ShortcutSampler"]) for _ in range(1 + control)]
+            names = [name for name, control in class_widgets(mappings[node["type"]]) for _ in range(1 + control)]
             target["widgets_values"][names.index("steps")] = 0
             prompt = to_prompt(bad, mappings)
             valid, error, good_outputs, node_errors = _validate(prompt)
@@ -213,10 +224,10 @@ def test_the_hosts_validation_rejects_a_sampler_below_its_minimum(mappings, plac
                 [("value_smaller_than_min", "steps")]
             downstream = set(node_errors[sid]["dependent_outputs"])
             assert downstream and not downstream & set(good_outputs)
-            # Outputs that do not depend on the sampler still validate, and then validate_prompt says valid.
+            # Outputs that do not depend on the node still validate, and then validate_prompt says valid.
             assert valid is bool(good_outputs)
-            checked += 1
-    assert checked >= 1
+            checked.add(node["type"])
+    assert checked == {"TrainShortcut", "ShortcutTeacherLatents"}  # every ShortcutSampler's steps is linked
 
 
 def test_a_linked_steps_widget_ignores_its_own_value(mappings, placeholder_files):
