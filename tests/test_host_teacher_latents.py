@@ -81,7 +81,7 @@ def test_a_second_run_reads_everything_from_the_cache(teacher, sampler_calls):
     assert len(sampler_calls) == 6  # cache off: everything sampled again
 
 
-def test_a_changed_prompt_or_model_makes_only_what_changed(teacher, sampler_calls):
+def test_a_changed_prompt_model_setting_or_text_encoder_makes_only_what_changed(teacher, sampler_calls):
     patcher, clip, _ = teacher
     make(patcher, clip)
     make(patcher, clip, prompts=PROMPTS.replace("a green cone", "a yellow torus"))
@@ -93,6 +93,8 @@ def test_a_changed_prompt_or_model_makes_only_what_changed(teacher, sampler_call
     assert len(sampler_calls) == 4 + 3  # other weights (a patch): nothing matches
     make(patcher, clip, steps=5)
     assert len(sampler_calls) == 7 + 3  # another setting: nothing matches
+    make(patcher, comfy_host.tiny_clip(seed=5))
+    assert len(sampler_calls) == 10 + 3  # another text encoder: nothing matches
 
 
 def test_a_cancel_keeps_the_finished_images_and_the_next_run_makes_the_rest(teacher, monkeypatch):
