@@ -51,9 +51,11 @@ def _saving_input_copies(forward, args: tuple, kwargs: dict) -> Any:
     ("modified by an inplace operation"), cloning the input or not. One copy per saved view.
     """
     def storage(t: torch.Tensor) -> int | None:
+        # the storage object's identity (views share it), not its data pointer: fake tensors (memory
+        # accounting) have no data, and every one of them would look like an alias of the inputs
         try:
-            return t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a plain storage
+            return t.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # subclasses without a plain storage
             return None
 
     storages = {storage(v) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)} - {None}
