@@ -31,7 +31,10 @@ import folder_paths
 import latent_preview
 
 from ..shortcut_core.calibration import Calibration
+from ..shortcut_core.adapters import lora_target_names
 from ..shortcut_core.config import ShortcutConfig
+from ..shortcut_core.memory_plan import (GB, MemoryPlan, ModelShape, TrainingShape, lora_fan, plan_training,
+                                         suggestions)
 from ..shortcut_core.sampling import sample_euler
 from ..shortcut_core.schedules import packed_token_count, resolution_shift, shifted_schedule
 from ..shortcut_core.trainer import ShortcutTrainer, StepReport, TrainResult
@@ -339,6 +342,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     require_trainable(model)
     latents = one_size_batch(latents)
     model = fully_loadable(model)
+    check_memory(model, latents, positive, negative, run)
     guider = make_guider(model, positive, negative, run.cfg)
     sampler = _TrainingSampler(run)
     with torch.inference_mode(False), host_training_mode():
@@ -354,6 +358,62 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
                       torch.tensor([1.0, 0.0]), seed=run.config.seed, disable_pbar=True)
     assert sampler.outcome is not None
     return sampler.outcome
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def model_shape(model, target_modules, stored_itemsize: int | None = None) -> ModelShape:
+    """What the memory plan needs of a MODEL, read off its network (stored_itemsize: as if stored so)."""
+    network = model.model.diffusion_model
+    blocks = repeated_blocks(network)
+    stored = network.dtype if hasattr(network, "dtype") else next(network.parameters()).dtype
+    compute = getattr(model.model, "manual_cast_dtype", None) or stored
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    if stored_itemsize is not None:
+        weight_bytes = weight_bytes * stored_itemsize // stored.itemsize
+    hidden = next((m.in_features for b in blocks[:1] for m in b.modules() if isinstance(m, torch.nn.Linear)), 0)
+    shapes = [(network.get_submodule(n).in_features, network.get_submodule(n).out_features)
+              for n in lora_target_names(network, target_modules)]
+    return ModelShape(weight_bytes=weight_bytes, block_kinds=tuple(type(b).__name__ for b in blocks),
+                      block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks), hidden=hidden,
+                      compute_bytes=torch.empty(0, dtype=compute).element_size() if stored_itemsize is None
+                      else max(stored_itemsize, torch.empty(0, dtype=compute).element_size()),
+                      stored_bytes=stored_itemsize or stored.itemsize, lora_params=lora_fan(shapes))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes training can have on the device: free now, plus what loaded models hold (ComfyUI unloads them
+    to load this one); None on a CPU, where the plan is shown, not enforced."""
+    if comfy.model_management.is_device_cpu(device):
+        return None
+    held = sum(m.model_loaded_memory() for m in comfy.model_management.current_loaded_models)
+    return int(comfy.model_management.get_free_memory(device)) + int(held)
+
+
+def check_memory(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> MemoryPlan:
+    """The run's predicted peak against the device's memory, before any weight moves: shown in the node
+    when it fits (or on a CPU); otherwise refused, naming the settings that would fit and their peaks."""
+    config = run.config
+    cfg_factor = 2 if negative is not None and not math.isclose(run.cfg, 1.0) else 1
+    text_tokens = max((c[0].shape[1] for c in positive if isinstance(c[0], torch.Tensor) and c[0].dim() == 3),
+                      default=0)
+    shape = model_shape(model, config.target_modules)
+    training = TrainingShape(rank=config.rank, forward_batch=config.batch_size * cfg_factor,
+                             tokens=packed_token_count(tuple(latents.shape[1:])) + text_tokens,
+                             checkpointing=config.gradient_checkpointing)
+    plan = plan_training(shape, training)
+    free = available_memory(model.load_device)
+    stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
+    text = plan.text(free, stored)
+    log.info("TrainShortcut %s", text)
+    if free is None or plan.total <= free:
+        if run.progress is not None:
+            run.progress.say(text)
+        return plan
+    fp8 = model_shape(model, config.target_modules, stored_itemsize=1) if shape.stored_bytes > 1 else None
+    options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8)
+    raise HostInputError(f"training needs about {plan.total / GB:.1f} GB on {model.load_device} but "
+                         f"{free / GB:.1f} GB are free ({text}). Change "
+                         + "; or ".join(f"{s.change}: {s.plan.total / GB:.1f} GB" for s in options))
 
 
 # What newer hosts do differently (read in ComfyUI 0.38.1's source; 0.3.64, tested here, has none of it).

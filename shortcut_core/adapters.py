@@ -42,6 +42,15 @@ def linear_module_names(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name]
 
 
+def lora_target_names(module: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
+    """The linear layers a LoRA with these target_modules adapts (peft's rule for a list: a module name
+    equal to an entry or ending in "." + entry; None: every linear layer)."""
+    names = linear_module_names(module)
+    if target_modules is None:
+        return names
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
 def exact_module_pattern(names) -> str:
     """A peft target_modules regex matching exactly these module paths (a list would match suffixes)."""
     return "|".join(re.escape(n) for n in names)

@@ -382,5 +382,6 @@ def test_training_shows_step_and_loss_on_the_node_and_the_progress_bar(flux, lor
         comfy.utils.set_progress_bar_global_hook(hook)
     values = [v for v, total, node_id in bars if node_id == "42"]
     assert values[0] == 0 and values[-1] == 3 and values == sorted(values)  # newer hosts throttle the bar
-    assert [node_id for node_id, _ in texts] == ["42"] * 3
+    assert [node_id for node_id, _ in texts] == ["42"] * 4
+    assert texts[0][1].startswith("plan: ") and "weights" in texts[0][1]  # the memory plan comes first
     assert texts[-1][1].startswith("step 3/3  loss ")

@@ -1,0 +1,127 @@
+"""How much device memory an SCFM training run needs, before any of it is spent.
+
+peak = base weights as stored
+     + LoRA state: student, its gradients, AdamW's two moments, slow and fast EMA (six float32 copies)
+     + activations of one training forward and backward
+     + weights cast to the compute dtype at use (weights stored in fp8 and computed in bf16)
+
+The first two are exact by construction. Activations scale with (forward batch) x (tokens) x (hidden
+width) x (bytes of the compute dtype), with coefficients measured on ComfyUI 0.3.64's Flux by
+`python -m benchmarks.flux_memory` (FakeTensorMode accounting, checked against glibc's own count of real
+allocations within 0.2%; torch SDPA attention, as ComfyUI runs on a GPU): per token and hidden unit, in
+units of the compute dtype's bytes, a block keeps 1.0 (its input) with gradient checkpointing, and a
+double-stream block 32.3 and a single-stream block 29.2 without; on top of those, 46.4 with checkpointing
+(the block being recomputed, the stem, the loss) and 15.1 without. The coefficients agree within 2% between
+Flux.1's width (3072) and a width of 512, and do not depend on the LoRA rank (its input copies are in
+them). Blocks of other architectures are counted as double-stream blocks (the larger). Casts: one block's
+weights with checkpointing (the block being recomputed), every block's without (autograd keeps each cast
+weight for the backward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+GB = 1e9  # what GPU makers print on the box; the plan speaks their unit
+
+# Activation bytes per (batch item x token x hidden unit x byte of the compute dtype); see the module docstring.
+CHECKPOINTED_BASE, CHECKPOINTED_PER_BLOCK = 46.4, 1.0
+FULL_BASE = 15.1
+FULL_PER_BLOCK = {"DoubleStreamBlock": 32.3, "SingleStreamBlock": 29.2}
+FULL_PER_OTHER_BLOCK = max(FULL_PER_BLOCK.values())
+LORA_STATE_COPIES = 6  # student, gradients, AdamW m and v, slow EMA, fast EMA
+LORA_BYTES = 4         # the trainer keeps LoRA factors in float32 whatever the base dtype
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs to know of the network (the host reads it off the loaded model)."""
+    weight_bytes: int               # every parameter and buffer, as stored
+    block_kinds: tuple[str, ...]    # class name of each repeated block, in order
+    block_params: tuple[int, ...]   # parameter count of each repeated block
+    hidden: int                     # the blocks' width
+    compute_bytes: int              # bytes per element the network computes in (bf16: 2)
+    stored_bytes: int               # bytes per element its weights are stored in (fp8: 1)
+    lora_params: int                # LoRA parameters at rank 1 on the targeted layers: sum of (in + out)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    rank: int
+    forward_batch: int              # items per training forward (batch_size, doubled by true CFG)
+    tokens: int                     # image tokens + text tokens of one item
+    checkpointing: bool
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    lora_state: int
+    activations: int
+    casts: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.lora_state + self.activations + self.casts
+
+    def text(self, free: int | None = None, stored: str = "") -> str:
+        where = f" of {free / GB:.1f} GB free" if free is not None else ""
+        return (f"plan: {self.total / GB:.1f} GB{where}: weights {self.weights / GB:.1f}{(' ' + stored) if stored else ''}, "
+                f"LoRA state {self.lora_state / GB:.1f}, activations {self.activations / GB:.1f}"
+                + (f", casts {self.casts / GB:.1f}" if self.casts else ""))
+
+
+def plan_training(model: ModelShape, run: TrainingShape) -> MemoryPlan:
+    elements = run.forward_batch * run.tokens * model.hidden * model.compute_bytes
+    if run.checkpointing:
+        per_element = CHECKPOINTED_BASE + CHECKPOINTED_PER_BLOCK * len(model.block_kinds)
+    else:
+        per_element = FULL_BASE + sum(FULL_PER_BLOCK.get(kind, FULL_PER_OTHER_BLOCK) for kind in model.block_kinds)
+    casts = 0
+    if model.stored_bytes < model.compute_bytes and model.block_params:
+        kept = max(model.block_params) if run.checkpointing else sum(model.block_params)
+        casts = kept * model.compute_bytes
+    return MemoryPlan(weights=model.weight_bytes,
+                      lora_state=LORA_STATE_COPIES * LORA_BYTES * run.rank * model.lora_params,
+                      activations=round(elements * per_element), casts=casts)
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    change: str
+    plan: MemoryPlan
+
+
+def suggestions(model: ModelShape, run: TrainingShape, batch_size: int, grad_accum: int, cfg_factor: int,
+                free: int, stored_alternative: ModelShape | None = None) -> list[Suggestion]:
+    """Settings that would fit in `free` bytes, one per knob, each with its predicted peak: a smaller
+    batch (the same items per optimizer step through accumulation), a lower rank, checkpointing, and
+    (when given) the weights stored in fp8."""
+    out: list[Suggestion] = []
+    b = batch_size
+    while b > 1:
+        b //= 2
+        plan = plan_training(model, replace(run, forward_batch=b * cfg_factor))
+        if plan.total <= free or b == 1:
+            accum = grad_accum * batch_size // b
+            out.append(Suggestion(f"batch_size {batch_size} -> {b} (grad_accum_steps {grad_accum} -> {accum})", plan))
+            break
+    r = run.rank
+    while r > 4:
+        r //= 2
+        plan = plan_training(model, replace(run, rank=r))
+        if plan.total <= free or r <= 4:
+            out.append(Suggestion(f"rank {run.rank} -> {r}", plan))
+            break
+    if not run.checkpointing:
+        out.append(Suggestion("gradient_checkpointing on", plan_training(model, replace(run, checkpointing=True))))
+    if stored_alternative is not None:
+        out.append(Suggestion("the model loaded in fp8 (Load Diffusion Model's weight_dtype fp8_e4m3fn)",
+                              plan_training(stored_alternative, run)))
+    return out
+
+
+def lora_fan(shapes: Sequence[tuple[int, int]]) -> int:
+    """LoRA parameters per unit of rank for linear layers of (in, out) features."""
+    return sum(i + o for i, o in shapes)
