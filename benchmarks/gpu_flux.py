@@ -7,7 +7,9 @@ single blocks. Every pass runs through the pack's host adapter, as TrainShortcut
 512 and 1024 px, weights stored in bf16 and in fp8 (cast to bf16 at use, as ComfyUI holds fp8
 checkpoints), it times an SCFM step and a plain LoRA flow-matching step (median) and records
 the peak GPU memory of a step; three block counts give the cost per double and per single
-block, extrapolated to the full 19 + 38 blocks.
+block, extrapolated to the full 19 + 38 blocks. Beside the real peak (weights, LoRA state and the step's
+transient, as the CUDA allocator counts them) it prints TrainShortcut's memory plan and the CPU accounting
+of benchmarks.flux_memory for the same model and step, so one run on a borrowed GPU checks both.
 
     python -m benchmarks.gpu_flux [--batch 1] [--rank 64] [--repeats 5]
     python -m benchmarks.gpu_flux --smoke    # tiny widths on the CPU: checks that the script runs
@@ -113,6 +115,16 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
                 out["plain"] = statistics.median(times["plain"])
             return torch.zeros_like(latent_image)
 
+    # What TrainShortcut's memory plan predicts for this model and step, and what the CPU accounting measures.
+    from shortcut_core.memory_plan import TrainingShape, plan_training
+
+    from .flux_memory import measure as account
+    tokens = (side // 2) ** 2 + positive[0][0].shape[1]
+    out["plan"] = plan_training(host.model_shape(patcher, None),
+                                TrainingShape(rank=rank, forward_batch=batch, tokens=tokens, checkpointing=True)).total
+    if widths is FLUX_WIDTHS:
+        out["accounted"] = account(widths, double, single, side, batch, rank, True, weight_dtype).total
+
     guider = host.make_guider(patcher, positive, None, 1.0)
     with torch.inference_mode(False):
         guider.sample(torch.zeros(batch, 16, side, side), latents, Measure(), torch.tensor([1.0, 0.0]), seed=0,
@@ -158,20 +170,27 @@ def main(argv: list[str] | None = None) -> None:
         for dtype_name, dtype in dtypes:
             runs = [measure(widths, d, s, dtype, px // 8, args.batch, args.rank, args.repeats, device)
                     for d, s in BLOCK_COUNTS]
+            def gib(r, key):
+                return f"{r[key] / 2**30:.2f}" if key in r else "-"
+
             for (d, s), r in zip(BLOCK_COUNTS, runs):
+                measured = {"total": r["peak"] + r["resident"]} if "peak" in r else {}
                 rows.append([px, dtype_name, f"{d}+{s}", f"{r['plain'] * 1e3:.1f}", f"{r['scfm'] * 1e3:.1f}",
-                             f"{r['scfm'] / r['plain']:.3f}",
-                             f"{r['peak'] / 2**30:.2f}" if "peak" in r else "-"])
+                             f"{r['scfm'] / r['plain']:.3f}", gib(measured, "total"), gib(r, "plan"),
+                             gib(r, "accounted")])
             full = {}
-            for key in ("scfm", "plain", "peak", "resident"):
+            for key in ("scfm", "plain", "peak", "resident", "plan", "accounted"):
                 if key in runs[0]:
                     a, bd, bs = _per_block(runs, key)
                     full[key] = a + bd * FULL[0] + bs * FULL[1]
+            if "peak" in full:
+                full["total"] = full["peak"] + full["resident"]
             rows.append([px, dtype_name, "19+38 (extrapolated)", f"{full['plain'] * 1e3:.0f}",
-                         f"{full['scfm'] * 1e3:.0f}", f"{full['scfm'] / full['plain']:.3f}",
-                         f"{(full['peak'] + full['resident']) / 2**30:.1f} total" if "peak" in full else "-"])
+                         f"{full['scfm'] * 1e3:.0f}", f"{full['scfm'] / full['plain']:.3f}", gib(full, "total"),
+                         gib(full, "plan"), gib(full, "accounted")])
     print(markdown_table(["px", "weights", "blocks (double+single)", "plain LoRA FM step ms", "SCFM step ms",
-                          "SCFM/plain", "peak GiB above resident"], rows))
+                          "SCFM/plain", "real peak GiB (CUDA)", "TrainShortcut's plan GiB",
+                          "CPU accounting GiB (flux_memory)"], rows))
     print("\nThe extrapolated row fits step time (and memory) = a + b_double * D + b_single * S to the three runs;"
           " its memory is resident weights + LoRA state + the step's peak, for the full model.")
 
