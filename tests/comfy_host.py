@@ -78,10 +78,10 @@ TINY_FLUX = dict(image_model="flux", in_channels=16, out_channels=16, patch_size
                  theta=10000, qkv_bias=True, guidance_embed=True)
 
 
-def tiny_flux(seed: int = 0, std: float = 0.05, weight_dtype=None, **overrides):
+def tiny_flux(seed: int = 0, std: float = 0.05, weight_dtype=None, compute_dtype=None, **overrides):
     """A real ComfyUI Flux (same classes as production) small enough for a CPU test: (BaseModel, ModelPatcher).
-    weight_dtype=torch.float8_e4m3fn stores the weights in fp8, cast to float32 at use, as ComfyUI
-    holds an fp8 checkpoint."""
+    weight_dtype=torch.float8_e4m3fn stores the weights in fp8, cast at use to compute_dtype (float32 unless
+    given), as ComfyUI holds an fp8 checkpoint; weight_dtype == compute_dtype computes in the stored dtype."""
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -89,7 +89,8 @@ def tiny_flux(seed: int = 0, std: float = 0.05, weight_dtype=None, **overrides):
 
     cfg = dict(TINY_FLUX, **overrides)
     mc = comfy.supported_models.Flux(cfg)
-    mc.set_inference_dtype(weight_dtype or torch.float32, None if weight_dtype is None else torch.float32)
+    stored, compute = weight_dtype or torch.float32, compute_dtype or torch.float32
+    mc.set_inference_dtype(stored, None if stored == compute else compute)
     model = mc.get_model({}, device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -15,17 +15,10 @@ SMALL = dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=1, depth
 
 def _small_flux_bf16():
     """A small Flux (width 256) computing in bf16, as Flux runs on a GPU (the plan's coefficients are for that)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    config = comfy.supported_models.Flux(dict(comfy_host.TINY_FLUX, **SMALL))
-    config.set_inference_dtype(torch.bfloat16, None)
     with torch.inference_mode():
-        model = config.get_model({}, device="cpu")
-        g = torch.Generator().manual_seed(0)
-        for p in model.diffusion_model.parameters():
-            p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p.dtype))
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        _, patcher = comfy_host.tiny_flux(seed=0, std=0.02, weight_dtype=torch.bfloat16, compute_dtype=torch.bfloat16,
+                                          **SMALL)
+    return patcher
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
