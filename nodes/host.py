@@ -257,6 +257,7 @@ class TrainingRun:
     on_checkpoint: Callable[[ShortcutTrainer], None] | None = None
     preview_every: int = 0                # few-step previews in the node every this many steps (0: none)
     calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
+    stream_weights: bool = False          # keep on the device only the weights that fit beside training (lowvram)
 
 
 @dataclass
@@ -342,14 +343,17 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     require_trainable(model)
     latents = one_size_batch(latents)
     model = fully_loadable(model)
-    check_memory(model, latents, positive, negative, run)
+    plan = check_memory(model, latents, positive, negative, run)
     guider = make_guider(model, positive, negative, run.cfg)
     sampler = _TrainingSampler(run)
-    with torch.inference_mode(False), host_training_mode():
+    streaming = reserved_beside_weights(plan) if run.stream_weights else contextlib.nullcontext()
+    with torch.inference_mode(False), host_training_mode(), streaming:
         latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
-        # The adapters live beside every weight on the load device, so the whole model goes there
-        # (the host's TrainLoraNode does the same); fp8-stored weights stay fp8 and are cast at use.
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        # The whole model goes to the load device (the host's TrainLoraNode does the same), unless the run
+        # streams weights: then the host places what fits beside the reserve and copies the rest in per
+        # forward (its lowvram path); the adapters live on the load device either way, and fp8-stored
+        # weights stay fp8 and are cast at use.
+        comfy.model_management.load_models_gpu([model], force_full_load=not run.stream_weights)
         # The host sizes the model's GPU placement by the noise it is given: one forward of a
         # training batch (CFG doubles it), not all the latents at once. The guider needs sigmas
         # to run at all; the trainer draws its own times.
@@ -361,7 +365,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def model_shape(model, target_modules, stored_itemsize: int | None = None) -> ModelShape:
+def model_shape(model, target_modules=None, stored_itemsize: int | None = None, lora_layers: str = "all") -> ModelShape:
     """What the memory plan needs of a MODEL, read off its network (stored_itemsize: as if stored so)."""
     network = model.model.diffusion_model
     blocks = repeated_blocks(network)
@@ -372,7 +376,7 @@ def model_shape(model, target_modules, stored_itemsize: int | None = None) -> Mo
         weight_bytes = weight_bytes * stored_itemsize // stored.itemsize
     hidden = next((m.in_features for b in blocks[:1] for m in b.modules() if isinstance(m, torch.nn.Linear)), 0)
     shapes = [(network.get_submodule(n).in_features, network.get_submodule(n).out_features)
-              for n in lora_target_names(network, target_modules)]
+              for n in lora_target_names(network, target_modules, lora_layers, blocks)]
     return ModelShape(weight_bytes=weight_bytes, block_kinds=tuple(type(b).__name__ for b in blocks),
                       block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks), hidden=hidden,
                       compute_bytes=torch.empty(0, dtype=compute).element_size() if stored_itemsize is None
@@ -389,6 +393,11 @@ def available_memory(device: torch.device) -> int | None:
     return int(comfy.model_management.get_free_memory(device)) + int(held)
 
 
+def stream_headroom() -> int:
+    """What ComfyUI keeps free beside a partially loaded model's weights (its minimum inference memory)."""
+    return int(comfy.model_management.minimum_inference_memory())
+
+
 def check_memory(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> MemoryPlan:
     """The run's predicted peak against the device's memory, before any weight moves: shown in the node
     when it fits (or on a CPU); otherwise refused, naming the settings that would fit and their peaks."""
@@ -396,12 +405,13 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     cfg_factor = 2 if negative is not None and not math.isclose(run.cfg, 1.0) else 1
     text_tokens = max((c[0].shape[1] for c in positive if isinstance(c[0], torch.Tensor) and c[0].dim() == 3),
                       default=0)
-    shape = model_shape(model, config.target_modules)
+    shape = model_shape(model, config.target_modules, lora_layers=config.lora_layers)
     training = TrainingShape(rank=config.rank, forward_batch=config.batch_size * cfg_factor,
                              tokens=packed_token_count(tuple(latents.shape[1:])) + text_tokens,
-                             checkpointing=config.gradient_checkpointing)
-    plan = plan_training(shape, training)
+                             checkpointing=config.gradient_checkpointing, offload_optimizer=config.offload_optimizer,
+                             stream_headroom=stream_headroom() if run.stream_weights else None)
     free = available_memory(model.load_device)
+    plan = plan_training(shape, training, free)
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
     text = plan.text(free, stored)
     log.info("TrainShortcut %s", text)
@@ -409,11 +419,28 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
         if run.progress is not None:
             run.progress.say(text)
         return plan
-    fp8 = model_shape(model, config.target_modules, stored_itemsize=1) if shape.stored_bytes > 1 else None
-    options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8)
+    fp8 = (model_shape(model, config.target_modules, stored_itemsize=1, lora_layers=config.lora_layers)
+           if shape.stored_bytes > 1 else None)
+    blocks = (model_shape(model, config.target_modules, lora_layers="blocks")
+              if config.lora_layers == "all" and repeated_blocks(model.model.diffusion_model) else None)
+    options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8,
+                          blocks, stream_headroom())
     raise HostInputError(f"training needs about {plan.total / GB:.1f} GB on {model.load_device} but "
                          f"{free / GB:.1f} GB are free ({text}). Change "
                          + "; or ".join(f"{s.change}: {s.plan.total / GB:.1f} GB" for s in options))
+
+
+@contextlib.contextmanager
+def reserved_beside_weights(plan: MemoryPlan):
+    """While training streams weights: the host keeps the plan's non-weight memory free whenever it places
+    weights (its --reserve-vram reserve, raised for the run), so its sampler's own load cannot fill it."""
+    management = comfy.model_management
+    before = management.EXTRA_RESERVED_VRAM
+    management.EXTRA_RESERVED_VRAM = before + plan.total - plan.weights
+    try:
+        yield
+    finally:
+        management.EXTRA_RESERVED_VRAM = before
 
 
 # What newer hosts do differently (read in ComfyUI 0.38.1's source; 0.3.64, tested here, has none of it).

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..shortcut_core.adapters import STUDENT
-from ..shortcut_core.config import ShortcutConfig
+from ..shortcut_core.config import LORA_LAYERS, ShortcutConfig
 from ..shortcut_core.loss_plot import loss_curve_image
 from . import host, host_lora
 from .inputs import check_inputs, checked_inputs
@@ -80,6 +80,17 @@ class ShortcutTrainingOptions:
                                 1e-5),
                 "export_diffusers": ("BOOLEAN", {"default": False, "tooltip": "Flux only: also write the LoRA in the "
                                                  "authors' diffusers format (<save_name>_diffusers.safetensors)."}),
+                # memory modes (README: Will it fit?); last, so saved workflows keep their widget order
+                "lora_layers": (list(LORA_LAYERS), {"default": _D.lora_layers, "tooltip": "all: "
+                                + LORA_LAYERS["all"] + ". blocks: " + LORA_LAYERS["blocks"] + " (about a quarter "
+                                "less LoRA memory on Flux)."}),
+                "offload_optimizer": ("BOOLEAN", {"default": _D.offload_optimizer, "tooltip": "Keep AdamW's state "
+                                                  "in RAM and step it on the CPU: a third of the LoRA's memory off "
+                                                  "the GPU, same result, some time per step."}),
+                "stream_weights": ("BOOLEAN", {"default": False, "tooltip": "Keep on the GPU only the model weights "
+                                               "that fit beside training and copy the rest in from RAM at every "
+                                               "forward (ComfyUI's lowvram loading): Flux at 1024 px on 16 GB, "
+                                               "slower per step."}),
             }
         }
 
@@ -182,7 +193,8 @@ class TrainShortcut:
             ema_restart_every=o["ema_restart_every"], learning_rate=learning_rate, weight_decay=o["weight_decay"],
             max_grad_norm=o["max_grad_norm"], batch_size=batch_size, grad_accum_steps=o["grad_accum_steps"],
             steps=steps, seed=seed, checkpoint_every=checkpoint_every,
-            gradient_checkpointing=o["gradient_checkpointing"], sample_steps=o["sample_steps"],
+            gradient_checkpointing=o["gradient_checkpointing"], offload_optimizer=o["offload_optimizer"],
+            lora_layers=o["lora_layers"], sample_steps=o["sample_steps"],
             sample_shift=o["sample_shift"], sample_strength=o["sample_strength"])
         init_lora, resume_state, keep = None, None, None
         if resume_lora != NO_RESUME:
@@ -203,7 +215,8 @@ class TrainShortcut:
 
         run = host.TrainingRun(config=config, cfg=cfg, init_lora=init_lora, resume_state=resume_state,
                                checkpoint_path=state_file, progress=host.Progress(steps, unique_id),
-                               on_checkpoint=write_lora, preview_every=preview_every, calibrate=calibrate)
+                               on_checkpoint=write_lora, preview_every=preview_every, calibrate=calibrate,
+                               stream_weights=o["stream_weights"])
         outcome = host.train(model, latents["samples"], positive, negative, run)
         result = outcome.result
         log.info("TrainShortcut: %d steps, final loss %.4g; wrote %s", result.steps,

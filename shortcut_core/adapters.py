@@ -42,13 +42,28 @@ def linear_module_names(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name]
 
 
-def lora_target_names(module: nn.Module, target_modules: Sequence[str] | None) -> list[str]:
-    """The linear layers a LoRA with these target_modules adapts (peft's rule for a list: a module name
-    equal to an entry or ending in "." + entry; None: every linear layer)."""
+# adaLN modulation layers by the names flow transformers give them: Flux's img_mod / txt_mod / modulation,
+# SD3's and Lumina's adaLN_modulation, Qwen-Image's img_mod. They map the timestep embedding to per-block
+# scales and shifts: a few wide layers (a quarter of Flux's LoRA parameters) that see one vector per item.
+MODULATION = re.compile(r"(^|\.)(\w+_mod|modulation|adaLN\w*)(\.|$)")
+
+
+def lora_target_names(module: nn.Module, target_modules: Sequence[str] | None, lora_layers: str = "all",
+                      blocks: Sequence[nn.Module] = ()) -> list[str]:
+    """The linear layers a LoRA adapts: target_modules with peft's rule for a list (a module name equal to
+    an entry or ending in "." + entry; None: every linear layer), then with lora_layers "blocks" only those
+    inside `blocks` (the repeated transformer blocks) and outside their modulation layers."""
     names = linear_module_names(module)
-    if target_modules is None:
+    if target_modules is not None:
+        names = [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if lora_layers == "all":
         return names
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+    if lora_layers != "blocks":
+        raise ValueError(f"lora_layers must be 'all' or 'blocks', got {lora_layers!r}")
+    if not blocks:
+        raise ValueError("lora_layers 'blocks' needs the model's repeated blocks, and none were found")
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    return [n for n in names if id(module.get_submodule(n)) in in_blocks and not MODULATION.search(n)]
 
 
 def exact_module_pattern(names) -> str:
@@ -76,12 +91,13 @@ class ShortcutAdapters:
     """Student, dual-EMA and teacher LoRA adapters injected into `module`; a context manager.
 
     The module must not already contain peft layers. All LoRA parameters live in `dtype`
-    (float32 by default: master weights, whatever the base weights are stored in).
+    (float32 by default: master weights, whatever the base weights are stored in), on `device` when
+    given (else beside each base weight: a host that streams weights keeps some of them off the device).
     """
 
     def __init__(self, module: nn.Module, *, rank: int, alpha: float, target_modules: tuple[str, ...] | list[str] | str | None = None,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
-                 teacher: Mapping[str, LoraWeights] | None = None):
+                 teacher: Mapping[str, LoraWeights] | None = None, device: torch.device | str | None = None):
         from peft import LoraConfig, inject_adapter_in_model
 
         LoraLayer = _lora_layer_class()
@@ -129,7 +145,7 @@ class ShortcutAdapters:
             for layer in self.layers.values():
                 for adapter_dict in (layer.lora_A, layer.lora_B):
                     for key in list(adapter_dict.keys()):
-                        adapter_dict[key] = adapter_dict[key].to(dtype=dtype)
+                        adapter_dict[key] = adapter_dict[key].to(device=device, dtype=dtype)
             self._init_weights(generator)
             if self.has_teacher:
                 self.load_lora_state(TEACHER, teacher)

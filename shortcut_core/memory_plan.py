@@ -1,9 +1,11 @@
 """How much device memory an SCFM training run needs, before any of it is spent.
 
-peak = base weights as stored
-     + LoRA state: student, its gradients, AdamW's two moments, slow and fast EMA (six float32 copies)
+peak = base weights as stored (on the device; with streaming, the part the host keeps there)
+     + LoRA state: student, its gradients, AdamW's two moments, slow and fast EMA (six float32 copies;
+       four with the moments offloaded to CPU RAM)
      + activations of one training forward and backward
-     + weights cast to the compute dtype at use (weights stored in fp8 and computed in bf16)
+     + weights cast to the compute dtype at use (weights stored in fp8 and computed in bf16, or
+       streamed from RAM: copies made per forward)
 
 The first two are exact by construction. Activations scale with (forward batch) x (tokens) x (hidden
 width) x (bytes of the compute dtype), with coefficients measured on ComfyUI 0.3.64's Flux by
@@ -31,7 +33,9 @@ FULL_BASE = 15.1
 FULL_PER_BLOCK = {"DoubleStreamBlock": 32.3, "SingleStreamBlock": 29.2}
 FULL_PER_OTHER_BLOCK = max(FULL_PER_BLOCK.values())
 LORA_STATE_COPIES = 6  # student, gradients, AdamW m and v, slow EMA, fast EMA
+OFFLOADED_COPIES = 2   # AdamW's m and v, with ShortcutConfig.offload_optimizer
 LORA_BYTES = 4         # the trainer keeps LoRA factors in float32 whatever the base dtype
+STREAM_MIN_RESIDENT = 128 * 2 ** 20  # ComfyUI keeps at least this much of a partially loaded model (model_management)
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,19 @@ class TrainingShape:
     forward_batch: int              # items per training forward (batch_size, doubled by true CFG)
     tokens: int                     # image tokens + text tokens of one item
     checkpointing: bool
+    offload_optimizer: bool = False
+    # bytes of device memory the host keeps free beside the weights it places (None: weights all resident);
+    # the weights that do not fit in the rest are streamed from RAM per forward
+    stream_headroom: int | None = None
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    weights: int
+    weights: int                    # resident on the device
     lora_state: int
     activations: int
     casts: int
+    streamed: int = 0               # weights kept in RAM and copied in per forward
 
     @property
     def total(self) -> int:
@@ -67,24 +76,33 @@ class MemoryPlan:
 
     def text(self, free: int | None = None, stored: str = "") -> str:
         where = f" of {free / GB:.1f} GB free" if free is not None else ""
-        return (f"plan: {self.total / GB:.1f} GB{where}: weights {self.weights / GB:.1f}{(' ' + stored) if stored else ''}, "
-                f"LoRA state {self.lora_state / GB:.1f}, activations {self.activations / GB:.1f}"
+        streamed = f" (+{self.streamed / GB:.1f} streamed from RAM)" if self.streamed else ""
+        return (f"plan: {self.total / GB:.1f} GB{where}: weights {self.weights / GB:.1f}{(' ' + stored) if stored else ''}"
+                f"{streamed}, LoRA state {self.lora_state / GB:.1f}, activations {self.activations / GB:.1f}"
                 + (f", casts {self.casts / GB:.1f}" if self.casts else ""))
 
 
-def plan_training(model: ModelShape, run: TrainingShape) -> MemoryPlan:
+def plan_training(model: ModelShape, run: TrainingShape, free: int | None = None) -> MemoryPlan:
+    """The peak on the device; with streaming (run.stream_headroom set) the resident weights are what
+    `free` leaves after everything else and the host's headroom (all of them where free is unknown)."""
     elements = run.forward_batch * run.tokens * model.hidden * model.compute_bytes
     if run.checkpointing:
         per_element = CHECKPOINTED_BASE + CHECKPOINTED_PER_BLOCK * len(model.block_kinds)
     else:
         per_element = FULL_BASE + sum(FULL_PER_BLOCK.get(kind, FULL_PER_OTHER_BLOCK) for kind in model.block_kinds)
+    streaming = run.stream_headroom is not None
     casts = 0
-    if model.stored_bytes < model.compute_bytes and model.block_params:
+    if (model.stored_bytes < model.compute_bytes or streaming) and model.block_params:
         kept = max(model.block_params) if run.checkpointing else sum(model.block_params)
         casts = kept * model.compute_bytes
-    return MemoryPlan(weights=model.weight_bytes,
-                      lora_state=LORA_STATE_COPIES * LORA_BYTES * run.rank * model.lora_params,
+    copies = LORA_STATE_COPIES - (OFFLOADED_COPIES if run.offload_optimizer else 0)
+    plan = MemoryPlan(weights=model.weight_bytes, lora_state=copies * LORA_BYTES * run.rank * model.lora_params,
                       activations=round(elements * per_element), casts=casts)
+    if not streaming or free is None:
+        return plan
+    rest = plan.total - plan.weights
+    resident = min(model.weight_bytes, max(STREAM_MIN_RESIDENT, free - rest - run.stream_headroom))
+    return replace(plan, weights=resident, streamed=model.weight_bytes - resident)
 
 
 @dataclass(frozen=True)
@@ -94,15 +112,17 @@ class Suggestion:
 
 
 def suggestions(model: ModelShape, run: TrainingShape, batch_size: int, grad_accum: int, cfg_factor: int,
-                free: int, stored_alternative: ModelShape | None = None) -> list[Suggestion]:
+                free: int, stored_alternative: ModelShape | None = None, blocks_alternative: ModelShape | None = None,
+                stream_headroom: int | None = None) -> list[Suggestion]:
     """Settings that would fit in `free` bytes, one per knob, each with its predicted peak: a smaller
     batch (the same items per optimizer step through accumulation), a lower rank, checkpointing, and
-    (when given) the weights stored in fp8."""
+    (when given) the weights stored in fp8, the memory modes (AdamW state in RAM, LoRA on the blocks
+    only, weights streamed from RAM)."""
     out: list[Suggestion] = []
     b = batch_size
     while b > 1:
         b //= 2
-        plan = plan_training(model, replace(run, forward_batch=b * cfg_factor))
+        plan = plan_training(model, replace(run, forward_batch=b * cfg_factor), free)
         if plan.total <= free or b == 1:
             accum = grad_accum * batch_size // b
             out.append(Suggestion(f"batch_size {batch_size} -> {b} (grad_accum_steps {grad_accum} -> {accum})", plan))
@@ -110,15 +130,22 @@ def suggestions(model: ModelShape, run: TrainingShape, batch_size: int, grad_acc
     r = run.rank
     while r > 4:
         r //= 2
-        plan = plan_training(model, replace(run, rank=r))
+        plan = plan_training(model, replace(run, rank=r), free)
         if plan.total <= free or r <= 4:
             out.append(Suggestion(f"rank {run.rank} -> {r}", plan))
             break
     if not run.checkpointing:
-        out.append(Suggestion("gradient_checkpointing on", plan_training(model, replace(run, checkpointing=True))))
+        out.append(Suggestion("gradient_checkpointing on", plan_training(model, replace(run, checkpointing=True), free)))
     if stored_alternative is not None:
         out.append(Suggestion("the model loaded in fp8 (Load Diffusion Model's weight_dtype fp8_e4m3fn)",
-                              plan_training(stored_alternative, run)))
+                              plan_training(stored_alternative, run, free)))
+    if not run.offload_optimizer:
+        out.append(Suggestion("offload_optimizer on", plan_training(model, replace(run, offload_optimizer=True), free)))
+    if blocks_alternative is not None:
+        out.append(Suggestion("lora_layers blocks", plan_training(blocks_alternative, run, free)))
+    if run.stream_headroom is None and stream_headroom is not None:
+        plan = plan_training(model, replace(run, stream_headroom=stream_headroom), free)
+        out.append(Suggestion(f"stream_weights on ({plan.streamed / GB:.1f} GB of weights streamed from RAM)", plan))
     return out
 
 

@@ -25,12 +25,13 @@ from tqdm.auto import tqdm
 
 from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
-                       exact_module_pattern, uniform_rank_alpha)
+                       exact_module_pattern, lora_target_names, uniform_rank_alpha)
 from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
 from .config import ShortcutConfig
 from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
+from .optimizer_offload import OffloadedAdamW
 from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
@@ -140,8 +141,13 @@ class ShortcutTrainer:
         self.device = torch.device(device)
 
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.adapters = ShortcutAdapters(module, rank=config.rank, alpha=config.alpha, target_modules=config.target_modules,
-                                         dtype=lora_dtype, generator=self.generator, teacher=teacher_lora)
+        targets: tuple[str, ...] | str | None = config.target_modules
+        if config.lora_layers != "all":
+            targets = exact_module_pattern(lora_target_names(module, config.target_modules, config.lora_layers,
+                                                             self.blocks))
+        self.adapters = ShortcutAdapters(module, rank=config.rank, alpha=config.alpha, target_modules=targets,
+                                         dtype=lora_dtype, generator=self.generator, teacher=teacher_lora,
+                                         device=self.device)
         try:
             # EMA initialisation as the authors: from the resumed student, else from the teacher LoRA, else zero.
             if init_lora is not None:
@@ -150,9 +156,11 @@ class ShortcutTrainer:
             elif teacher_lora is not None:
                 for role in (EMA_SLOW, EMA_FAST):
                     self.adapters.load_lora_state(role, teacher_lora, strict=False)
-            self.optimizer = torch.optim.AdamW(self.adapters.parameters(STUDENT), lr=config.learning_rate,
-                                               betas=config.adam_betas, eps=config.adam_eps,
-                                               weight_decay=config.weight_decay)
+            adamw = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+                         weight_decay=config.weight_decay)
+            student = self.adapters.parameters(STUDENT)
+            self.optimizer = (OffloadedAdamW(student, **adamw) if config.offload_optimizer
+                              else torch.optim.AdamW(student, **adamw))
         except BaseException:
             self.adapters.detach()
             raise
@@ -412,10 +420,10 @@ class ShortcutTrainer:
         self.step_count = int(meta["step"])
 
     # Settings that shape the LoRA itself: a checkpoint made with others cannot be loaded.
-    LAYOUT_FIELDS = ("rank", "alpha", "target_modules")
+    LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "lora_layers")
     # Settings that may change on resume (length of the run, its outputs) without a warning.
-    FREE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "sample_steps", "sample_shift",
-                   "sample_strength", "extra")
+    FREE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "offload_optimizer", "sample_steps",
+                   "sample_shift", "sample_strength", "extra")
 
     def _check_checkpoint_config(self, path: str, saved: dict) -> None:
         current = self.config.to_dict()
