@@ -287,6 +287,66 @@ def grid(ranks, batches, sizes, dtypes) -> None:
     print(f"\nthe plan's worst relative error over the grid: {worst:.2%} ({time.perf_counter() - started:.0f} s)")
 
 
+CARDS_GB = (12, 16, 24, 48, 80)
+USABLE = 0.94  # of a card's memory, after the CUDA context and the driver
+MAX_STREAMED = 0.6
+# lora_layers "blocks" is left out: it costs more quality than a lower rank saving as much (benchmarks.memory_modes)
+MODES = [{}, {"offload_optimizer": True}, {"offload_optimizer": True, "stream_weights": True}]
+
+
+def fit_table() -> None:
+    """README's "Will it fit?": per card, the largest setting that fits without memory modes and with them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from shortcut_core.adapters import lora_target_names
+    from shortcut_core.memory_plan import GB, TrainingShape, plan_training
+
+    shapes = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        shapes[name, "all"] = shape = full_model_shape(dtype)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            network = flux_network(FLUX_DEV, *FULL_DEPTH, dtype)
+            names = lora_target_names(network, None, "blocks", [*network.double_blocks, *network.single_blocks])
+            fan = sum(network.get_submodule(n).in_features + network.get_submodule(n).out_features for n in names)
+        shapes[name, "blocks"] = type(shape)(**{**shape.__dict__, "lora_params": fan})
+    # larger first: resolution, then batch, then rank
+    settings = [(px, batch, rank) for px in (1024, 768, 512) for batch in (8, 4, 2, 1) for rank in (64, 32, 16, 4)]
+
+    def first_fit(free: int, modes: list[dict]):
+        for px, batch, rank in settings:
+            for weights in ("bf16", "fp8"):
+                for mode in modes:
+                    run = TrainingShape(rank=rank, forward_batch=batch, tokens=(px // 16) ** 2 + TEXT_TOKENS,
+                                        checkpointing=True, offload_optimizer=mode.get("offload_optimizer", False),
+                                        stream_headroom=int(1.2e9) if mode.get("stream_weights") else None)
+                    shape = shapes[weights, mode.get("lora_layers", "all")]
+                    plan = plan_training(shape, run, free)
+                    # Streaming is worth it for a part of fp8 weights: every forward copies the streamed bytes in
+                    # (4x the step time at 57% streamed, benchmarks.gpu_fit on an H200)
+                    if plan.streamed and (weights != "fp8" or plan.streamed > MAX_STREAMED * shape.weight_bytes):
+                        continue
+                    if plan.fits(free):
+                        return px, batch, rank, weights, mode, plan
+        return None
+
+    def describe(found) -> list[str]:
+        if found is None:
+            return ["nothing", "", ""]
+        px, batch, rank, weights, mode, plan = found
+        streamed = f", {plan.streamed / GB:.1f} GB streamed" if plan.streamed else ""
+        modes = ", ".join(k if v is True else f"{k} {v}" for k, v in mode.items()) or "none"
+        return [f"{px} px, batch {batch}, rank {rank}, {weights}", f"{plan.needed / GB:.1f}{streamed}", modes]
+
+    rows = []
+    for card in CARDS_GB:
+        free = int(card * 1e9 * USABLE)
+        rows.append([f"{card} GB"] + describe(first_fit(free, MODES[:1])) + describe(first_fit(free, MODES[1:])))
+    print(markdown_table(["card", "without modes", "needs GB", "", "with memory modes", "needs GB", "modes"], rows))
+    print(f"\n{USABLE:.0%} of each card usable; needs: the plan's peak and the allocator's slack; streaming keeps "
+          f"1.2 GB free for ComfyUI (its minimum inference memory) and streams at most {MAX_STREAMED:.0%} of the fp8 "
+          f"weights")
+
+
 def full_depth_check(px: int, dtype) -> None:
     """One configuration at the full 19 + 38 blocks, against the extrapolation."""
     args = (px // 8, 1, 64, True, dtype)
@@ -302,11 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check", action="store_true", help="fake accounting against real allocations, mid-size model")
     ap.add_argument("--full-depth", action="store_true", help="also run one configuration per size at full depth")
     ap.add_argument("--quick", action="store_true", help="batch 1 and 8, rank 16 and 64 only")
+    ap.add_argument("--fit", action="store_true", help="the plan's fit table for 12-80 GB cards (README)")
     args = ap.parse_args(argv)
     comfy_host.pack_or_exit()
     print(machine_line())
     if args.check:
         check()
+        return
+    if args.fit:
+        fit_table()
         return
     ranks, batches = ((16, 64), (1, 8)) if args.quick else ((16, 32, 64), (1, 2, 4, 8))
     dtypes = [("bf16", torch.bfloat16), ("fp8 stored", torch.float8_e4m3fn)]

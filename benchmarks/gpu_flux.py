@@ -18,6 +18,7 @@ of benchmarks.flux_memory for the same model and step, so one run on a borrowed 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
     args = ap.parse_args(argv)
+    if not args.smoke:
+        os.environ.setdefault("SHORTCUT_FLOW_DEVICE", "gpu")  # ComfyUI picks its device (tests force the CPU)
     path = comfy_host.pack_or_exit()
     import comfy.model_management
     import comfy.utils

@@ -415,7 +415,7 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
     text = plan.text(free, stored)
     log.info("TrainShortcut %s", text)
-    if free is None or plan.total <= free:
+    if free is None or plan.fits(free):
         if run.progress is not None:
             run.progress.say(text)
         return plan
@@ -425,9 +425,9 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
               if config.lora_layers == "all" and repeated_blocks(model.model.diffusion_model) else None)
     options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8,
                           blocks, stream_headroom())
-    raise HostInputError(f"training needs about {plan.total / GB:.1f} GB on {model.load_device} but "
+    raise HostInputError(f"training needs about {plan.needed / GB:.1f} GB on {model.load_device} but "
                          f"{free / GB:.1f} GB are free ({text}). Change "
-                         + "; or ".join(f"{s.change}: {s.plan.total / GB:.1f} GB" for s in options))
+                         + "; or ".join(f"{s.change}: {s.plan.needed / GB:.1f} GB" for s in options))
 
 
 @contextlib.contextmanager
@@ -436,7 +436,7 @@ def reserved_beside_weights(plan: MemoryPlan):
     weights (its --reserve-vram reserve, raised for the run), so its sampler's own load cannot fill it."""
     management = comfy.model_management
     before = management.EXTRA_RESERVED_VRAM
-    management.EXTRA_RESERVED_VRAM = before + plan.total - plan.weights
+    management.EXTRA_RESERVED_VRAM = before + plan.needed - plan.weights
     try:
         yield
     finally:

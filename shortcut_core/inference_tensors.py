@@ -7,6 +7,10 @@ For the duration of a training run each such parameter or buffer is replaced by 
 tensor that aliases its storage (`Tensor.set_`; no bytes are copied) and carries the original's
 Python attributes, and the original objects are put back afterwards, so the module ends exactly
 as it was.
+
+A parameter made under inference_mode and later moved or converted outside it (`module.to(device)`:
+ComfyUI moving a model to the GPU inside a node that trains) is no longer an inference tensor but keeps
+the inference tensor's missing version counter, which autograd refuses just the same: it is aliased too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,18 @@ def _alias(t: torch.Tensor) -> torch.Tensor | None:
     return alias
 
 
+def _untracked(t: torch.Tensor) -> bool:
+    """Whether autograd would refuse to save t: an inference tensor, or one that inherited its missing
+    version counter."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
 class InferenceTensorAliases:
     """Swap every inference-mode parameter and buffer of `module` for a storage alias; `restore()` undoes it."""
 
@@ -40,7 +56,7 @@ class InferenceTensorAliases:
         for sub in module.modules():
             for table in (sub._parameters, sub._buffers):
                 for name, t in list(table.items()):
-                    if t is not None and t.is_inference():
+                    if t is not None and _untracked(t):
                         alias = _alias(t)
                         if alias is not None:
                             self._swapped.append((table, name, t))

@@ -52,7 +52,8 @@ def start_comfyui() -> tuple[Path | None, str]:
         comfy.options.enable_args_parsing(False)
         from comfy.cli_args import args
 
-        args.cpu = True
+        # Tests run on the CPU; GPU benchmarks set SHORTCUT_FLOW_DEVICE=gpu to keep ComfyUI's own device choice.
+        args.cpu = os.environ.get("SHORTCUT_FLOW_DEVICE", "cpu") == "cpu"
         # main.py imports ComfyUI's `utils` package before nodes.py puts comfy/ first on sys.path, where
         # comfy/utils.py would shadow it: built-in nodes that import the server (ImageStitch, ...) need it.
         import utils.extra_config  # noqa: F401

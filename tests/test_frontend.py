@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+import comfy_host
 import comfy_server
 from workflow_files import FRONTEND_ONLY, INPUT_SUBFOLDERS, MODEL_FILES, WORKFLOWS, load, to_prompt
 
@@ -148,6 +149,26 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
     finally:
         page.close()
 
+
+
+def test_options_saved_before_the_memory_modes_open_with_them_off(server, browser):
+    """CHANGELOG 0.3.0: the three memory-mode widgets come after the others, so a 0.2.0 save (27 values) opens with
+    its values where they were and the modes at their defaults."""
+    workflow = load(comfy_host.PROJECT_ROOT / "workflows" / "flux_few_shot_train_shortcut.json")
+    [options] = [n for n in workflow["nodes"] if n["type"] == "ShortcutTrainingOptions"]
+    saved = options["widgets_values"][:-3]
+    assert len(saved) == 27 and options["widgets_values"][-3:] == ["all", False, False]
+    options["widgets_values"] = saved
+    page, page_errors, _ = _open_app(browser, server.url)
+    try:
+        page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
+        queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        inputs = queued[str(options["id"])]["inputs"]
+        assert (inputs["lora_layers"], inputs["offload_optimizer"], inputs["stream_weights"]) == ("all", False, False)
+        assert (inputs["t_max"], inputs["export_diffusers"]) == (saved[-2], saved[-1])
+        assert not page_errors
+    finally:
+        page.close()
 
 
 TRAINING_PROMPT = {  # a small data-free graph: tiny Flux -> teacher latents from prompts -> Train Shortcut -> previews

@@ -51,7 +51,7 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_woul
     check = host.check_memory
     monkeypatch.setattr(host, "check_memory", lambda *a, **k: plans.append(check(*a, **k)) or plans[-1])
     train_node(patcher, positive, latents, steps=1, batch_size=8, rank=16)  # a CPU: shown, not enforced
-    needed = plans[-1].total
+    needed = plans[-1].needed
     loads = []
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(a))
     monkeypatch.setattr(host, "available_memory", lambda device: int(needed * 0.9))  # a GPU with less free
@@ -76,7 +76,7 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, monk
     plan = plans[-1]
     loads = []
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(k))
-    monkeypatch.setattr(host, "available_memory", lambda device: int(plan.total - plan.weights // 2))
+    monkeypatch.setattr(host, "available_memory", lambda device: int(plan.needed - plan.weights // 2))
     with pytest.raises(ValueError) as refused:
         train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="refused")
     message = str(refused.value)
@@ -92,7 +92,7 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, monk
     train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="streamed", stream_weights=True)
     assert {"force_full_load": False} in loads  # the host places what fits (then its sampler loads as usual)
     assert any("streamed from RAM" in text for text in said) and plans[-1].streamed > 0
-    assert plans[-1].total <= plan.total - plan.weights // 2
+    assert plans[-1].fits(plan.needed - plan.weights // 2)
 
 
 def test_lora_layers_blocks_trains_no_modulation_and_the_plan_counts_less(flux, lora_dir, monkeypatch):

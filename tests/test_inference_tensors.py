@@ -59,6 +59,24 @@ def test_trainer_learns_through_inference_weights_and_restores_them():
     assert module_hash(net) == before
 
 
+def test_weights_moved_outside_inference_mode_train_too():
+    """A model built under inference_mode and moved outside it (ComfyUI loading it onto the GPU inside the
+    training node; a dtype conversion moves it the same way on a CPU) keeps a missing version counter:
+    autograd refuses it although it is no longer an inference tensor. Seen on an H200 with bf16 Flux."""
+    net = _inference_net()
+    net.to(torch.float64)
+    assert not any(p.is_inference() for p in net.parameters())
+    with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+        net(torch.randn(2, 8, dtype=torch.float64, requires_grad=True), torch.zeros(2, dtype=torch.float64)).sum().backward()
+    before = module_hash(net)
+    latents = torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with ShortcutTrainer(net, lambda x, t, **e: net(x, t.to(x.dtype)), latents, _config()) as trainer:
+        assert trainer._inference_aliases.count == 8  # every base weight and bias
+        result = trainer.train(progress=False)
+    assert any(w.up.abs().sum() > 0 for w in result.lora.values()), "the student did not learn"
+    assert module_hash(net) == before
+
+
 def test_aliases_share_storage_and_the_originals_come_back():
     net = _inference_net()
     originals = dict(net.named_parameters())

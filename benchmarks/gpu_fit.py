@@ -1,0 +1,236 @@
+"""Does TrainShortcut fit a 24, 16 and 12 GB card? Full-size Flux.1-dev on one large GPU, each card simulated.
+
+Needs a ComfyUI checkout (found as the host tests find it) and a CUDA device with room for the largest
+configuration (a 80+ GB card). ComfyUI's own Flux class at Flux.1-dev's full config (19 double + 38 single
+blocks, hidden 3072, T5 context 4096, pooled 768, guidance input) with random weights, stored in bf16 or fp8
+as ComfyUI holds them, trains a few steps through the pack's host adapter (`nodes.host.train`: the memory
+plan, the loading, the memory modes, the trainer), on 1024 px latents with 512 text tokens.
+
+A smaller card is simulated twice over: torch's allocator is capped at the card's usable memory
+(`torch.cuda.set_per_process_memory_fraction`: an allocation past it raises out-of-memory, as on the card),
+and ComfyUI is told the card's free memory (its `get_free_memory`, which TrainShortcut's plan and its
+weight placement read). Usable memory is 94% of the card (the CUDA context, the display, the driver).
+
+Per configuration it prints the plan, the real peak (`torch.cuda.max_memory_allocated`, weights included),
+the median step time, and for offload_optimizer the largest difference of the LoRA from the run without it.
+
+    python -m benchmarks.gpu_fit              # on a GPU
+    python -m benchmarks.gpu_fit --smoke      # tiny widths on the CPU: checks that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import comfy_host  # noqa: E402
+
+from shortcut_core import ShortcutConfig  # noqa: E402
+
+from .report import machine_line, markdown_table  # noqa: E402
+
+FLUX_DEV = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_in_dim=4096, vec_in_dim=768,
+                depth=19, depth_single_blocks=38)
+SMOKE = dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], context_in_dim=32, vec_in_dim=16, depth=1,
+             depth_single_blocks=2)
+USABLE = 0.94
+
+
+@dataclass
+class Case:
+    card_gb: float | None      # None: the whole device
+    weights: str               # "bf16" | "fp8"
+    batch: int
+    rank: int
+    offload_optimizer: bool = False
+    lora_layers: str = "all"
+    stream_weights: bool = False
+
+    @property
+    def label(self) -> str:
+        modes = [m for m, on in (("offload_optimizer", self.offload_optimizer), ("lora_layers blocks",
+                                 self.lora_layers == "blocks"), ("stream_weights", self.stream_weights)) if on]
+        return ", ".join(modes) or "-"
+
+
+CASES = [
+    Case(None, "bf16", 1, 64),
+    Case(None, "fp8", 1, 64),
+    Case(None, "fp8", 1, 64),  # the same again: how far two GPU runs of one setting differ
+    Case(None, "fp8", 1, 64, offload_optimizer=True),
+    Case(24, "fp8", 2, 32),
+    Case(24, "fp8", 1, 64, offload_optimizer=True),
+    Case(16, "fp8", 1, 16, offload_optimizer=True, stream_weights=True),
+    Case(12, "fp8", 1, 16, offload_optimizer=True, stream_weights=True),
+]
+
+
+def build(widths: dict, weight_dtype: torch.dtype, device: torch.device):
+    """ComfyUI's Flux with random weights, made on the device (fast) and left in RAM, as a loader leaves it."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    mc = comfy.supported_models.Flux(dict(comfy_host.TINY_FLUX, **widths))
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mc.set_inference_dtype(weight_dtype, None if weight_dtype == compute else compute)
+    with torch.inference_mode():
+        model = mc.get_model({}, device=device)
+        g = torch.Generator(device=device).manual_seed(0)
+        for p in model.diffusion_model.parameters():
+            p.copy_((torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(p.dtype))
+        model.to(mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+
+
+class Card:
+    """A smaller card on a larger one: the allocator capped, ComfyUI's free-memory query answered to match."""
+
+    def __init__(self, device: torch.device, gb: float | None):
+        self.device, self.gb = device, gb
+
+    def __enter__(self):
+        import comfy.model_management as mm
+        self._free = mm.get_free_memory
+        if self.gb is None or self.device.type != "cuda":
+            return self
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        cap = int(self.gb * 1e9 * USABLE)
+        torch.cuda.set_per_process_memory_fraction(cap / total, self.device)
+
+        def free(dev=None, torch_free_too=False):
+            left = cap - torch.cuda.memory_allocated(self.device)
+            return (left, left) if torch_free_too else left
+
+        mm.get_free_memory = free
+        return self
+
+    def __exit__(self, *exc):
+        import comfy.model_management as mm
+        mm.get_free_memory = self._free
+        if self.device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+
+class StepTimes:
+    """TrainShortcut's progress hook: the time of every step."""
+
+    def __init__(self):
+        self.times, self.last = [], time.perf_counter()
+
+    def __call__(self, report) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
+
+    def preview(self, step, picture) -> None:
+        pass
+
+    def say(self, text) -> None:
+        print("   ", text)
+
+
+def run_case(case: Case, patcher, side: int, steps: int, device) -> dict:
+    import gc
+
+    import comfy.model_management as mm
+    host = comfy_host.pack_module("nodes.host")
+    positive = comfy_host.flux_positive(patcher, tokens=512 if side > 16 else 16)
+    latents = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(0))
+    config = ShortcutConfig(rank=case.rank, alpha=float(case.rank), batch_size=case.batch, steps=steps,
+                            checkpoint_every=0, offload_optimizer=case.offload_optimizer, lora_layers=case.lora_layers)
+    times = StepTimes()
+    run = host.TrainingRun(config=config, progress=times, stream_weights=case.stream_weights)
+    plans = []
+    check = host.check_memory
+    host.check_memory = lambda *a, **k: plans.append(check(*a, **k)) or plans[-1]
+    mm.unload_all_models()
+    gc.collect()
+    out = {"case": case}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        out["before"] = torch.cuda.memory_allocated(device)  # what an earlier case left: counted out of the peak
+    try:
+        with Card(device, case.card_gb):
+            times.last = time.perf_counter()
+            outcome = host.train(patcher, latents, positive, None, run)
+        out["lora"] = {k: w.up.flatten().cpu() for k, w in outcome.result.lora.items()}  # up starts at zero
+        del outcome
+        out["step"] = statistics.median(times.times[1:] or times.times)
+    except Exception as e:  # noqa: BLE001 - an out-of-memory is a result here
+        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    finally:
+        host.check_memory = check
+    if plans:
+        out["plan"] = plans[-1]
+    if device.type == "cuda":
+        out["peak"] = torch.cuda.max_memory_allocated(device) - out["before"]
+    mm.unload_all_models()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
+    args = ap.parse_args(argv)
+    if not args.smoke:
+        os.environ.setdefault("SHORTCUT_FLOW_DEVICE", "gpu")  # ComfyUI picks its device (tests force the CPU)
+    path = comfy_host.pack_or_exit()
+    import comfy.model_management
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = comfy.model_management.get_torch_device()
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("needs a CUDA device (or --smoke for a CPU check of the script)")
+    widths, side = (SMOKE, 8) if args.smoke else (FLUX_DEV, 128)
+    print(machine_line())
+    print(f"ComfyUI at {path}; Flux widths {widths}; {side * 8} px; {args.steps} steps per case; gradient "
+          f"checkpointing; usable memory {USABLE:.0%} of a card\n", flush=True)
+    rows, models, results = [], {}, []
+    for case in CASES:
+        if case.weights not in models:
+            models.clear()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            dtype = torch.bfloat16 if case.weights == "bf16" else torch.float8_e4m3fn
+            models[case.weights] = build(widths, torch.float32 if args.smoke else dtype, device)
+        print(f"card {case.card_gb or 'whole device'} GB, {case.weights}, batch {case.batch}, rank {case.rank}, "
+              f"{case.label}", flush=True)
+        r = run_case(case, models[case.weights], side, args.steps, device)
+        results.append(r)
+        plan = r.get("plan")
+        reference = next((x for x in results[:-1] if x["case"].weights == case.weights and x["case"].card_gb is None
+                          and not x["case"].offload_optimizer and x["case"].rank == case.rank
+                          and x["case"].batch == case.batch and "lora" in x), None)
+        differs = "-"
+        if reference is not None and "lora" in r:
+            # |up - reference up| / |reference up| (up starts at zero): 0 is the same run, 1 as far as training moved
+            a, b = (torch.cat([x["lora"][k] for k in sorted(x["lora"])]).double() for x in (r, reference))
+            differs = f"{float((a - b).norm() / b.norm()):.2e}"
+        rows.append([f"{case.card_gb} GB" if case.card_gb else "whole", case.weights, case.batch, case.rank, case.label,
+                     f"{plan.total / 1e9:.2f}" if plan else "-",
+                     f"{plan.streamed / 1e9:.2f}" if plan else "-",
+                     f"{r['peak'] / 1e9:.2f}" if "peak" in r else "-",
+                     f"{r['step']:.2f}" if "step" in r else r.get("error", "-"), differs])
+        print("   ", rows[-1], flush=True)
+    print()
+    print(markdown_table(["card", "weights", "batch", "rank", "modes", "plan GB", "streamed GB", "real peak GB",
+                          "step s (median)", "LoRA vs the first run of its setting (relative)"], rows))
+    print(f"\nreal peak: torch.cuda.max_memory_allocated during the run (weights loaded, LoRA state, the steps'"
+          f" transients), less what was allocated before it")
+
+
+if __name__ == "__main__":
+    main()
