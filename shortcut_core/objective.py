@@ -49,6 +49,12 @@ class ShortcutDraw:
     def __len__(self) -> int:
         return int(self.role.shape[0])
 
+    def shard(self, part: slice) -> "ShortcutDraw":
+        """The items of one data-parallel shard of the batch."""
+        return ShortcutDraw(role=self.role[part], schedule_length=self.schedule_length[part], shift=self.shift[part],
+                            start=self.start[part], times=self.times[part],
+                            guidance=None if self.guidance is None else self.guidance[part])
+
 
 def _choice(options: tuple[int, ...], n: int, generator: torch.Generator) -> torch.Tensor:
     table = torch.tensor(options, dtype=torch.int64) if options else torch.zeros(1, dtype=torch.int64)

@@ -28,9 +28,10 @@ from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeig
                        exact_module_pattern, lora_target_names, uniform_rank_alpha)
 from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
 from .config import ShortcutConfig
+from .data_parallel import DataParallel
 from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
-from .objective import ItemRole, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
+from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .optimizer_offload import OffloadedAdamW
 from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
 from .sampling import VelocityFn, sample_euler
@@ -116,8 +117,10 @@ class ShortcutTrainer:
                  config: ShortcutConfig | None = None, *, extra_args: Mapping[str, Any] | None = None,
                  teacher_lora: Mapping[str, LoraWeights] | None = None, init_lora: Mapping[str, LoraWeights] | None = None,
                  blocks: Sequence[nn.Module] = (), clone_block_inputs: bool = True, token_count: int | None = None,
-                 device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32,
+                 parallel: DataParallel | None = None):
         self.config = config = config if config is not None else ShortcutConfig()
+        self.parallel = parallel  # data parallel (see data_parallel.py): this process's shard of every batch
         self.latents = _check_latents(latents)
         n = self.latents.shape[0]
         self.extra_args = dict(extra_args or {})
@@ -193,14 +196,21 @@ class ShortcutTrainer:
         return velocity
 
     # ------------------------------------------------------------------ one step
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], ShortcutDraw]:
+        """The micro-batch's items, noise and draws. Data parallel: every process draws the whole batch of
+        all processes from the same generator and keeps its shard (the draws of one process with that batch)."""
         cfg, g, n = self.config, self.generator, self.latents.shape[0]
-        index = torch.randint(n, (cfg.batch_size,), generator=g)
+        total = cfg.batch_size * (self.parallel.world if self.parallel is not None else 1)
+        part = self.parallel.shard(total) if self.parallel is not None else slice(None)
+        index = torch.randint(n, (total,), generator=g)
+        noise = torch.randn((total, *self.latents.shape[1:]), generator=g, dtype=torch.float32)
+        draw = draw_shortcut_items(total, cfg, self.generator, self.token_count)
+        index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
-        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32).to(self.device, x0.dtype)
+        noise = noise[part].to(self.device, x0.dtype)
         extra = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                  for k, v in select_items(self.extra_args, index, n).items()}
-        return x0, noise, extra
+        return x0, noise, extra, draw
 
     def step(self) -> StepReport:
         """One optimizer step (grad_accum_steps micro-batches). Exceptions before the update leave
@@ -213,8 +223,7 @@ class ShortcutTrainer:
         flow_losses: list[torch.Tensor] = []
         try:
             for _ in range(cfg.grad_accum_steps):
-                x0, noise, extra = self._micro_batch()
-                draw = draw_shortcut_items(cfg.batch_size, cfg, self.generator, self.token_count)
+                x0, noise, extra, draw = self._micro_batch()
                 if draw.guidance is not None:
                     extra["guidance"] = draw.guidance.to(self.device)
                 t = draw.t.to(self.device)
@@ -229,7 +238,10 @@ class ShortcutTrainer:
                     prediction = self.velocity(x_t, t, **extra)
                     loss, per_item = shortcut_loss(prediction, target)
                     loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
+                    finite = math.isfinite(loss_value)
+                    if self.parallel is not None:  # every process stops at the same micro-batch
+                        finite = not self.parallel.any(not finite, self.device)
+                    if not finite:
                         raise NonFiniteLossError(self.step_count + 1, loss_value)
                     (loss / cfg.grad_accum_steps).backward()
                 total += loss_value / cfg.grad_accum_steps
@@ -241,6 +253,9 @@ class ShortcutTrainer:
             self.generator.set_state(rng_before)
             raise
 
+        if self.parallel is not None:
+            self.parallel.average_gradients(params)
+            total = self.parallel.mean(total, self.device)
         self._consistent = False  # an interrupt from here on would leave a half-updated run
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         self.optimizer.step()
@@ -297,6 +312,13 @@ class ShortcutTrainer:
         return self.result()
 
     def _checkpoint(self, path: str, on_checkpoint: Callable[[], None] | None) -> None:
+        if self.parallel is not None:
+            # every process holds the run; one writes it, after checking that all hold the same
+            tensors, _ = self.state_tensors()
+            self.parallel.check_identical([t for k, t in sorted(tensors.items()) if k not in ("rng", "losses")],
+                                          "the LoRA, EMA or optimizer state")
+            if self.parallel.rank != 0:
+                return
         try:
             self.save_checkpoint(path)
             if on_checkpoint is not None:
@@ -374,6 +396,7 @@ class ShortcutTrainer:
         tensors["rng"] = self.generator.get_state()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "config": self.config.to_dict(),
+                "processes": self.parallel.world if self.parallel is not None else 1,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
                 "student": [name for name, _ in self.adapters.named_parameters(STUDENT)]}
         return tensors, meta
@@ -418,6 +441,12 @@ class ShortcutTrainer:
         self.generator.set_state(tensors["rng"])
         self.losses = [float(v) for v in tensors["losses"]]
         self.step_count = int(meta["step"])
+        processes, now = int(meta.get("processes", 1)), self.parallel.world if self.parallel is not None else 1
+        if processes != now:
+            warnings.warn(f"resuming {path!r} on {now} process(es); it was trained on {processes}: an optimizer step "
+                          f"now sees {self.config.batch_size * now * self.config.grad_accum_steps} items instead of "
+                          f"{self.config.batch_size * processes * self.config.grad_accum_steps} (batch_size is per "
+                          f"process)", stacklevel=2)
 
     # Settings that shape the LoRA itself: a checkpoint made with others cannot be loaded.
     LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "lora_layers")

@@ -449,7 +449,7 @@ def test_per_item_extra_arguments_follow_their_latents():
     cond = torch.arange(30, dtype=torch.float32).reshape(10, 3)
     with ShortcutTrainer(net, velocity_of(net), latents, cfg(steps=2), extra_args={"cond": cond}) as tr:
         for _ in range(3):
-            x0, noise, extra = tr._micro_batch()
+            x0, noise, extra, _ = tr._micro_batch()
             for row in range(x0.shape[0]):
                 index = [k for k in range(10) if torch.equal(latents[k], x0[row])]
                 assert len(index) == 1
@@ -526,7 +526,7 @@ def _teacher_lora(net, rank, alpha, seed=5):
 @pytest.mark.parametrize("accum", [1, 2, 3])
 def test_a_step_averages_its_micro_batches(accum):
     """Rebuild one step from the public objective functions: loss and gradient are micro-batch means."""
-    from shortcut_core.objective import average_velocity_target, draw_shortcut_items, interpolate, shortcut_loss
+    from shortcut_core.objective import average_velocity_target, interpolate, shortcut_loss
     net = make_net()
     config = cfg(grad_accum_steps=accum, max_grad_norm=1e6)
     with ShortcutTrainer(net, velocity_of(net), make_latents(), config) as tr:
@@ -534,8 +534,7 @@ def test_a_step_averages_its_micro_batches(accum):
         rng = tr.generator.get_state()
         losses, grads = [], [torch.zeros_like(p) for p in params]
         for _ in range(accum):
-            x0, noise, extra = tr._micro_batch()
-            draw = draw_shortcut_items(config.batch_size, config, tr.generator, tr.token_count)
+            x0, noise, extra, draw = tr._micro_batch()
             extra["guidance"] = draw.guidance
             x_t = interpolate(x0, noise, draw.t)
             target = average_velocity_target(x_t, x0, noise, draw, teacher=tr.velocity_as(TEACHER),
