@@ -33,6 +33,7 @@ import latent_preview
 from ..shortcut_core.calibration import Calibration
 from ..shortcut_core.adapters import lora_target_names
 from ..shortcut_core.config import ShortcutConfig
+from ..shortcut_core.data_parallel import DataParallel
 from ..shortcut_core.memory_plan import (GB, MemoryPlan, ModelShape, TrainingShape, lora_fan, plan_training,
                                          suggestions)
 from ..shortcut_core.sampling import sample_euler
@@ -258,6 +259,7 @@ class TrainingRun:
     preview_every: int = 0                # few-step previews in the node every this many steps (0: none)
     calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
     stream_weights: bool = False          # keep on the device only the weights that fit beside training (lowvram)
+    parallel: DataParallel | None = None  # data parallel under torchrun (the headless command)
 
 
 @dataclass
@@ -292,7 +294,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
         network = base.diffusion_model
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
                              init_lora=run.init_lora, blocks=repeated_blocks(network),
-                             device=latents.device) as trainer:
+                             device=latents.device, parallel=run.parallel) as trainer:
             if run.resume_state:
                 trainer.load_checkpoint(run.resume_state)
             previewer = host_preview.latent_previewer(model_wrap.model_patcher)

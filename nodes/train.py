@@ -175,7 +175,9 @@ class TrainShortcut:
     @checked_inputs
     def train(self, model, latents, positive, steps, batch_size, learning_rate, rank, seed, save_name,
               checkpoint_every, resume_lora, cfg, preview_every, calibrate, negative=None, options=None,
-              unique_id=None):
+              unique_id=None, *, progress=None, parallel=None):
+        """`progress` and `parallel` are for the headless command (nodes/headless.py): its progress bar and
+        stop requests, and data parallelism (only process 0 writes files)."""
         given = dict(options or {})
         unknown = sorted(set(given) - set(_option_defaults()))
         if unknown:
@@ -210,18 +212,21 @@ class TrainShortcut:
                                               f", the rank input is {rank}; set rank to the file's to train on from it")
         lora_file, state_file = host.free_output_paths(save_name, keep=keep)
 
+        writer = parallel is None or parallel.rank == 0
+
         def write_lora(trainer) -> None:
-            host_lora.save_host_lora(lora_file, trainer.adapters.lora_state(STUDENT), trainer.lora_metadata())
+            if writer:
+                host_lora.save_host_lora(lora_file, trainer.adapters.lora_state(STUDENT), trainer.lora_metadata())
 
         run = host.TrainingRun(config=config, cfg=cfg, init_lora=init_lora, resume_state=resume_state,
-                               checkpoint_path=state_file, progress=host.Progress(steps, unique_id),
+                               checkpoint_path=state_file, progress=progress or host.Progress(steps, unique_id),
                                on_checkpoint=write_lora, preview_every=preview_every, calibrate=calibrate,
-                               stream_weights=o["stream_weights"])
+                               stream_weights=o["stream_weights"], parallel=parallel)
         outcome = host.train(model, latents["samples"], positive, negative, run)
         result = outcome.result
         log.info("TrainShortcut: %d steps, final loss %.4g; wrote %s", result.steps,
                  result.losses[-1] if result.losses else float("nan"), lora_file)
-        if o["export_diffusers"]:
+        if o["export_diffusers"] and writer:
             host_lora.save_diffusers_flux(lora_file[: -len(".safetensors")] + "_diffusers.safetensors", result.lora,
                                           model.model, result.metadata)
         lora_model = host_lora.to_lora_model(result.lora)
