@@ -332,5 +332,4 @@ def _script() -> int:
 
 
 if __name__ == "__main__":
-    import importlib
     sys.exit(_script())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -37,7 +38,7 @@ def _worker(rank: int, world: int, init: str, out: str, batch: int, mode: str) -
                 return
             save_file(snapshot(tr), os.path.join(out, f"rank{rank}.safetensors"))
             with open(os.path.join(out, f"losses{rank}.txt"), "w") as f:
-                f.write(repr(tr.losses))
+                f.write(json.dumps(tr.losses))
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +70,7 @@ def test_two_processes_with_batch_b_train_as_one_with_batch_2b(tmp_path):
                 for k in single if single[k].abs().max() > 0)
     print(f"\nlargest relative difference to one process with batch 4: {worst:.2e}")
     assert worst < 1e-4
-    losses = eval((tmp_path / "losses0.txt").read_text())
+    losses = json.loads((tmp_path / "losses0.txt").read_text())
     assert losses == pytest.approx(single_losses, rel=1e-4)
     # only process 0 wrote the checkpoint, and it holds the run
     assert (tmp_path / "run.ckpt").is_file()
