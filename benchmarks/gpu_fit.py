@@ -21,7 +21,6 @@ the median step time, and for offload_optimizer the largest difference of the Lo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -185,15 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
     args = ap.parse_args(argv)
-    if not args.smoke:
-        os.environ.setdefault("SHORTCUT_FLOW_DEVICE", "gpu")  # ComfyUI picks its device (tests force the CPU)
-    path = comfy_host.pack_or_exit()
-    import comfy.model_management
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    device = comfy.model_management.get_torch_device()
-    if device.type != "cuda" and not args.smoke:
-        raise SystemExit("needs a CUDA device (or --smoke for a CPU check of the script)")
+    path, device = comfy_host.gpu_or_smoke(args.smoke)
     widths, side = (SMOKE, 8) if args.smoke else (FLUX_DEV, 128)
     print(machine_line())
     print(f"ComfyUI at {path}; Flux widths {widths}; {side * 8} px; {args.steps} steps per case; gradient "
@@ -228,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown_table(["card", "weights", "batch", "rank", "modes", "plan GB", "streamed GB", "real peak GB",
                           "step s (median)", "LoRA vs the first run of its setting (relative)"], rows))
-    print(f"\nreal peak: torch.cuda.max_memory_allocated during the run (weights loaded, LoRA state, the steps'"
-          f" transients), less what was allocated before it")
+    print("\nreal peak: torch.cuda.max_memory_allocated during the run (weights loaded, LoRA state, the steps'"
+          " transients), less what was allocated before it")
 
 
 if __name__ == "__main__":

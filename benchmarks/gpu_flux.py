@@ -18,7 +18,6 @@ of benchmarks.flux_memory for the same model and step, so one run on a borrowed 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -152,15 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
     args = ap.parse_args(argv)
-    if not args.smoke:
-        os.environ.setdefault("SHORTCUT_FLOW_DEVICE", "gpu")  # ComfyUI picks its device (tests force the CPU)
-    path = comfy_host.pack_or_exit()
-    import comfy.model_management
-    import comfy.utils
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    device = comfy.model_management.get_torch_device()
-    if device.type != "cuda" and not args.smoke:
-        raise SystemExit("needs a CUDA device (or --smoke for a CPU check of the script)")
+    path, device = comfy_host.gpu_or_smoke(args.smoke)
     widths = SMOKE_WIDTHS if args.smoke else FLUX_WIDTHS
     sizes = [64] if args.smoke else [512, 1024]
     dtypes = [("fp32" if args.smoke else "bf16", torch.float32 if args.smoke else torch.bfloat16),

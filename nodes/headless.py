@@ -201,9 +201,9 @@ def dataset_from_images(folder: Path, clip, vae, guidance: float):
 
     import node_helpers
     import nodes
+    pairs = image_caption_pairs(folder)
     if vae is None:
         raise SystemExit("--images needs --vae to encode the images")
-    pairs = image_caption_pairs(folder)
     sizes = {Image.open(p).size for p, _ in pairs}
     if len(sizes) > 1:
         raise SystemExit(f"--images: the images have {len(sizes)} sizes {sorted(sizes)}; resize them to one size")

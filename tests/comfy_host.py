@@ -211,7 +211,9 @@ def tiny_sd3(seed: int = 0, std: float = 0.05):
     model = mc.get_model({}, device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.diffusion_model.parameters():
+        # parameters and buffers (MMDiT's pos_embed): ComfyUI leaves both to a checkpoint, uninitialised until
+        # then; garbage there made a velocity test fail now and then (once with NaN)
+        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
             p.copy_(torch.randn(p.shape, generator=g) * std)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
@@ -228,6 +230,21 @@ def flux_positive(patcher, tokens: int = 16, seed: int = 0, guidance: float | No
     if guidance is not None:
         options["guidance"] = guidance
     return [[torch.randn(1, tokens, params.context_in_dim, generator=g), options]]
+
+
+def gpu_or_smoke(smoke: bool):
+    """For the GPU benchmarks: (ComfyUI's path, its device), ComfyUI choosing the device (tests force the CPU)
+    unless `smoke` (a CPU check of the script); without a CUDA device and not `smoke`, exit saying so."""
+    if not smoke:
+        os.environ.setdefault("SHORTCUT_FLOW_DEVICE", "gpu")
+    path = pack_or_exit()
+    import comfy.model_management
+    import comfy.utils
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    device = comfy.model_management.get_torch_device()
+    if device.type != "cuda" and not smoke:
+        raise SystemExit("needs a CUDA device (or --smoke for a CPU check of the script)")
+    return path, device
 
 
 def pack_or_exit() -> Path:

@@ -185,3 +185,47 @@ def test_the_script_starts_comfyui_and_names_a_model_it_cannot_find(pack, tmp_pa
     assert missing.returncode != 0
     assert "--unet: 'no_such_flux.safetensors' is neither a file nor in ComfyUI's diffusion_models folders" in \
         missing.stderr
+
+
+def _tiny_flux_vae():
+    """A real ComfyUI VAE (comfy.sd.VAE, Flux's 16 latent channels) from randomly initialised encoder and decoder."""
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+    config = dict(double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+                  num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    torch.manual_seed(0)
+    parts = {"encoder": Encoder(**config), "decoder": Decoder(**config)}
+    with torch.no_grad():  # ComfyUI's ops leave weights uninitialised (a checkpoint fills them): small random ones
+        for part in parts.values():
+            for name, p in part.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+                else:  # norm scales 1, every bias 0
+                    p.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)
+    return comfy.sd.VAE(sd={f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()})
+
+
+def test_images_with_captions_are_encoded_and_trained_on(folders):
+    import numpy as np
+    from PIL import Image
+    headless = comfy_host.pack_module("nodes.headless")
+    images = folders / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name, caption in (("a", "a red cube"), ("b", "a blue sphere on grass")):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(caption)
+    patcher, clip, _ = _models()
+    argv = [*SETTINGS, "--images", str(images), "--steps", "2", "--save_name", "from_images"]
+    assert headless.main(argv, models=(patcher, clip, _tiny_flux_vae())) == 0
+    lora = _lora(folders / "loras" / "from_images.safetensors")
+    assert any(v.abs().max() > 0 for k, v in lora.items() if k.endswith("lora_up.weight"))
+    # what a user gets wrong, said plainly
+    with pytest.raises(SystemExit, match="needs --vae"):
+        headless.main(argv, models=(patcher, clip, None))
+    Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(images / "c.png")
+    with pytest.raises(SystemExit, match=r"1 image\(s\) have no caption file, e.g. c.png needs c.txt"):
+        headless.main(argv, models=(patcher, clip, None))
+    (images / "c.txt").write_text("a small image")
+    with pytest.raises(SystemExit, match="the images have 2 sizes"):
+        headless.main(argv, models=(patcher, clip, _tiny_flux_vae()))

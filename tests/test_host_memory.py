@@ -8,10 +8,20 @@ import torch
 
 import comfy_host
 from hashing import module_hash
-from test_host_nodes import node, train_node
+from test_host_nodes import train_node
 
 SMALL = dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=1, depth_single_blocks=2, context_in_dim=128,
              vec_in_dim=64)
+
+
+@pytest.fixture()
+def plans(pack, monkeypatch):
+    """Every memory plan TrainShortcut makes, in order."""
+    host = comfy_host.pack_module("nodes.host")
+    made = []
+    check = host.check_memory
+    monkeypatch.setattr(host, "check_memory", lambda *a, **k: made.append(check(*a, **k)) or made[-1])
+    return made
 
 
 def _small_flux_bf16():
@@ -23,15 +33,11 @@ def _small_flux_bf16():
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_the_plan_is_within_ten_percent_of_a_real_runs_allocations(pack, lora_dir, monkeypatch, checkpointing):
+def test_the_plan_is_within_ten_percent_of_a_real_runs_allocations(pack, lora_dir, plans, checkpointing):
     from benchmarks.flux_memory import LiveBytes, gpu_attention
-    host = comfy_host.pack_module("nodes.host")
     patcher = _small_flux_bf16()
     positive = comfy_host.flux_positive(patcher, tokens=32)
     latents = {"samples": torch.randn(4, 16, 32, 32, generator=torch.Generator().manual_seed(1))}
-    plans = []
-    check = host.check_memory
-    monkeypatch.setattr(host, "check_memory", lambda *a, **k: plans.append(check(*a, **k)) or plans[-1])
     counter = LiveBytes()
     with gpu_attention(), counter:
         train_node(patcher, positive, latents, steps=1, batch_size=2, rank=8, gradient_checkpointing=checkpointing,
@@ -42,14 +48,11 @@ def test_the_plan_is_within_ten_percent_of_a_real_runs_allocations(pack, lora_di
     assert abs(predicted / counter.peak - 1) < 0.10
 
 
-def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_would(flux, lora_dir, monkeypatch):
+def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_would(flux, lora_dir, plans, monkeypatch):
     import comfy.model_management
     host = comfy_host.pack_module("nodes.host")
     patcher, positive = flux
     latents = {"samples": torch.randn(4, 16, 32, 32)}
-    plans = []
-    check = host.check_memory
-    monkeypatch.setattr(host, "check_memory", lambda *a, **k: plans.append(check(*a, **k)) or plans[-1])
     train_node(patcher, positive, latents, steps=1, batch_size=8, rank=16)  # a CPU: shown, not enforced
     needed = plans[-1].needed
     loads = []
@@ -64,14 +67,11 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_woul
     assert (lora_dir / "fits.safetensors").is_file()
 
 
-def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, monkeypatch):
+def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, plans, monkeypatch):
     import comfy.model_management
     host = comfy_host.pack_module("nodes.host")
     patcher, positive = flux
     latents = {"samples": torch.randn(4, 16, 32, 32)}
-    plans = []
-    check = host.check_memory
-    monkeypatch.setattr(host, "check_memory", lambda *a, **k: plans.append(check(*a, **k)) or plans[-1])
     train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="sized")
     plan = plans[-1]
     loads = []
@@ -95,13 +95,9 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, monk
     assert plans[-1].fits(plan.needed - plan.weights // 2)
 
 
-def test_lora_layers_blocks_trains_no_modulation_and_the_plan_counts_less(flux, lora_dir, monkeypatch):
-    host = comfy_host.pack_module("nodes.host")
+def test_lora_layers_blocks_trains_no_modulation_and_the_plan_counts_less(flux, lora_dir, plans):
     patcher, positive = flux
     latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    plans = []
-    check = host.check_memory
-    monkeypatch.setattr(host, "check_memory", lambda *a, **k: plans.append(check(*a, **k)) or plans[-1])
     _, every, _, _, _, _, _, _ = train_node(patcher, positive, latents, steps=1)
     _, blocks, _, _, _, _, _, _ = train_node(patcher, positive, latents, steps=1, lora_layers="blocks")
     layers = {k.rsplit(".lora_", 1)[0] for k in blocks if ".lora_" in k}
@@ -120,7 +116,6 @@ def test_streamed_weights_train_the_same_lora(pack, lora_dir, monkeypatch):
     to a fully loaded run's, the host reserved the run's memory while placing weights, and the model is
     left as it was."""
     import comfy.model_management
-    host = comfy_host.pack_module("nodes.host")
     latents = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
     results, streamed, reserved = [], [], []
     load = comfy.model_management.load_models_gpu
