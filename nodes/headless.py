@@ -48,8 +48,11 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._before = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -269,7 +272,6 @@ def main(argv: list[str] | None = None, models=None) -> int:
     from .train import TrainShortcut
     args = build_parser().parse_args(argv)
     parallel = start_distributed()
-    stop = StopRequest()
     try:
         model, clip, vae = models if models is not None else load_models(args)
         if args.images is not None:
@@ -278,18 +280,24 @@ def main(argv: list[str] | None = None, models=None) -> int:
             latents, positive = dataset_from_prompts(args, model, clip, parallel)
         values = {name: getattr(args, dest) for dest, name in args._groups["train"]}
         options = {name: getattr(args, dest) for dest, name in args._groups["options"]}
-        progress = HeadlessProgress(stop, parallel, model.load_device)
         if parallel is not None and parallel.rank != 0:
             import comfy.utils
             comfy.utils.PROGRESS_BAR_ENABLED = False  # one bar, process 0's
+        # From here a signal asks for a stop at the end of a step (before, Ctrl-C interrupts as usual: the teacher
+        # latents made so far stay cached)
+        stop = StopRequest()
         try:
             out = TrainShortcut().train(model=model, latents={"samples": latents}, positive=positive, options=options,
-                                        progress=progress, parallel=parallel, **values)
+                                        progress=HeadlessProgress(stop, parallel, model.load_device),
+                                        parallel=parallel, **values)
         except TrainingStopped as e:
             if parallel is None or parallel.rank == 0:
-                print(f"{e}; the checkpoint is beside the LoRA in {host.output_paths(values['save_name'])[0]!r}'s "
-                      f"folder: resume with --resume_lora <its file name>", file=sys.stderr)
+                folder = os.path.dirname(host.output_paths(values["save_name"])[0])
+                print(f"{e}; the LoRA and its .train_state are in {folder}: resume with --resume_lora <the LoRA's "
+                      f"file name>", file=sys.stderr)
             return 130
+        finally:
+            stop.restore()
         result = out["result"] if isinstance(out, dict) else out
         if parallel is None or parallel.rank == 0:
             print(f"trained {result[4]} steps; recommended recipe: {result[6]} steps, shift {result[7]:.3g}")

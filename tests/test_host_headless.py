@@ -65,8 +65,10 @@ def test_a_headless_lora_resumes_in_the_node_and_a_node_lora_resumes_headless(fo
     """Both ways give the LoRA of one uninterrupted 4-step run, bit for bit: same files, same state."""
     headless = comfy_host.pack_module("nodes.headless")
     from test_host_nodes import node, train_node
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     straight = headless.main(_argv(folders, "--steps", "4", "--save_name", "straight"), models=_models())
     assert straight == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # Ctrl-C is the user's again
     expected = _lora(folders / "loras" / "straight.safetensors")
 
     # headless 2 steps, then Train Shortcut resumes it to 4
