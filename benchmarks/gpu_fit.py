@@ -34,12 +34,11 @@ import comfy_host  # noqa: E402
 
 from shortcut_core import ShortcutConfig  # noqa: E402
 
+from .gpu_flux import FLUX_WIDTHS, SMOKE_WIDTHS, build  # noqa: E402
 from .report import machine_line, markdown_table  # noqa: E402
 
-FLUX_DEV = dict(hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], context_in_dim=4096, vec_in_dim=768,
-                depth=19, depth_single_blocks=38)
-SMOKE = dict(hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], context_in_dim=32, vec_in_dim=16, depth=1,
-             depth_single_blocks=2)
+FULL_DEPTH = (19, 38)   # Flux.1-dev's double and single blocks
+SMOKE_DEPTH = (1, 2)
 USABLE = 0.94
 
 
@@ -70,24 +69,6 @@ CASES = [
     Case(16, "fp8", 1, 16, offload_optimizer=True, stream_weights=True),
     Case(12, "fp8", 1, 16, offload_optimizer=True, stream_weights=True),
 ]
-
-
-def build(widths: dict, weight_dtype: torch.dtype, device: torch.device):
-    """ComfyUI's Flux with random weights, made on the device (fast) and left in RAM, as a loader leaves it."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    mc = comfy.supported_models.Flux(dict(comfy_host.TINY_FLUX, **widths))
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mc.set_inference_dtype(weight_dtype, None if weight_dtype == compute else compute)
-    with torch.inference_mode():
-        model = mc.get_model({}, device=device)
-        g = torch.Generator(device=device).manual_seed(0)
-        for p in model.diffusion_model.parameters():
-            p.copy_((torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(p.dtype))
-        model.to(mm.unet_offload_device())
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
 class Card:
@@ -185,9 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny widths, 64 px, on the CPU")
     args = ap.parse_args(argv)
     path, device = comfy_host.gpu_or_smoke(args.smoke)
-    widths, side = (SMOKE, 8) if args.smoke else (FLUX_DEV, 128)
+    widths, depth, side = (SMOKE_WIDTHS, SMOKE_DEPTH, 8) if args.smoke else (FLUX_WIDTHS, FULL_DEPTH, 128)
     print(machine_line())
-    print(f"ComfyUI at {path}; Flux widths {widths}; {side * 8} px; {args.steps} steps per case; gradient "
+    print(f"ComfyUI at {path}; Flux widths {widths}, {depth[0]} + {depth[1]} blocks; {side * 8} px; {args.steps} steps per case; gradient "
           f"checkpointing; usable memory {USABLE:.0%} of a card\n", flush=True)
     rows, models, results = [], {}, []
     for case in CASES:
@@ -196,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             dtype = torch.bfloat16 if case.weights == "bf16" else torch.float8_e4m3fn
-            models[case.weights] = build(widths, torch.float32 if args.smoke else dtype, device)
+            models[case.weights] = build(widths, *depth, torch.float32 if args.smoke else dtype, device, in_ram=True)
         print(f"card {case.card_gb or 'whole device'} GB, {case.weights}, batch {case.batch}, rank {case.rank}, "
               f"{case.label}", flush=True)
         r = run_case(case, models[case.weights], side, args.steps, device)

@@ -38,7 +38,10 @@ BLOCK_COUNTS = [(1, 1), (2, 1), (1, 2)]  # (double, single): solves time = a + b
 FULL = (19, 38)
 
 
-def _build(widths: dict, double: int, single: int, weight_dtype: torch.dtype, device: torch.device):
+def build(widths: dict, double: int, single: int, weight_dtype: torch.dtype, device: torch.device,
+          in_ram: bool = False):
+    """ComfyUI's Flux with random weights, made on the device (fast); in_ram: then moved to RAM, as a loader
+    leaves a model before anything loads it."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -52,6 +55,8 @@ def _build(widths: dict, double: int, single: int, weight_dtype: torch.dtype, de
         g = torch.Generator(device=device).manual_seed(0)
         for p in model.diffusion_model.parameters():
             p.copy_((torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02).to(p.dtype))
+        if in_ram:
+            model.to(mm.unet_offload_device())
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
@@ -65,7 +70,7 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
     import comfy.samplers
 
     host = comfy_host.pack_module("nodes.host")
-    patcher = _build(widths, double, single, weight_dtype, device)
+    patcher = build(widths, double, single, weight_dtype, device)
     positive = comfy_host.flux_positive(patcher, tokens=512 if widths is FLUX_WIDTHS else 16)
     latents = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(0))
     config = ShortcutConfig(rank=rank, alpha=float(rank), batch_size=batch, gradient_checkpointing=True)

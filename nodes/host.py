@@ -37,7 +37,7 @@ from ..shortcut_core.data_parallel import DataParallel
 from ..shortcut_core.memory_plan import (GB, MemoryPlan, ModelShape, TrainingShape, lora_fan, plan_training,
                                          suggestions)
 from ..shortcut_core.sampling import sample_euler
-from ..shortcut_core.schedules import packed_token_count, resolution_shift, shifted_schedule
+from ..shortcut_core.schedules import resolution_shift, shifted_schedule
 from ..shortcut_core.trainer import ShortcutTrainer, StepReport, TrainResult
 from . import host_preview
 
@@ -86,14 +86,37 @@ def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def token_count(model, latent_shape: Sequence[int]) -> int:
+    """Image (and time) tokens the network makes of one latent [C, (T,) H, W]: each dimension padded to the
+    network's patch and divided by it (its own patchify: Flux and SD3 patch 2 x 2 over H, W (comfy/ldm/flux/model.py
+    pads to the patch; mmdit.py PatchEmbed); Wan and HunyuanVideo patch (1, 2, 2) over T, H, W (their
+    patch_embedding Conv3d); a network without a patch_size is counted as 2 x 2 over the last two dimensions."""
+    patch = getattr(model.model.diffusion_model, "patch_size", 2)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    dims = tuple(latent_shape)[-len(patch):]
+    return max(1, math.prod(-(-d // p) for d, p in zip(dims, patch)))
+
+
+def require_latent_dimensions(model, latents: torch.Tensor, input_name: str = "latents") -> None:
+    """Latents of the kind the model makes: images [B, C, H, W] or video [B, C, T, H, W] (its latent format)."""
+    expected = getattr(model.get_model_object("latent_format"), "latent_dimensions", 2)
+    got = latents.dim() - 2
+    if got != expected:
+        kind = {2: "images [B, C, H, W]", 3: "video [B, C, T, H, W]"}
+        raise HostInputError(f"{input_name}: this {type(model.model).__name__} model takes "
+                             f"{kind.get(expected, f'{expected}-D latents')}, got shape {tuple(latents.shape)}; "
+                             f"encode with the model's own VAE or make the empty latent with its own node")
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 def shortcut_sigmas(steps: int, shift: float, *, denoise: float = 1.0, use_resolution_shift: bool = False,
-                    latent_shape: Sequence[int] | None = None) -> torch.Tensor:
-    """The SCFM schedule as SIGMAS; denoise < 1 keeps the last steps of a longer schedule, as KSampler does."""
+                    tokens: int | None = None) -> torch.Tensor:
+    """The SCFM schedule as SIGMAS; denoise < 1 keeps the last steps of a longer schedule, as KSampler does.
+    With use_resolution_shift the shift is the resolution shift of `tokens` image tokens (token_count)."""
     if use_resolution_shift:
-        if latent_shape is None:
+        if tokens is None:
             raise HostInputError("resolution_shift: needs the latent's size")
-        shift = resolution_shift(packed_token_count(tuple(latent_shape)[-3:]))
+        shift = resolution_shift(tokens)
     if denoise <= 0.0:
         return torch.zeros(0)
     total = max(steps, int(steps / denoise))
@@ -294,6 +317,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
         network = base.diffusion_model
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
                              init_lora=run.init_lora, blocks=repeated_blocks(network),
+                             token_count=token_count(model_wrap.model_patcher, tuple(latents.shape[1:])),
                              device=latents.device, parallel=run.parallel) as trainer:
             if run.resume_state:
                 trainer.load_checkpoint(run.resume_state)
@@ -344,6 +368,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     require_flow_model(model)
     require_trainable(model)
     latents = one_size_batch(latents)
+    require_latent_dimensions(model, latents)
     model = fully_loadable(model)
     plan = check_memory(model, latents, positive, negative, run)
     guider = make_guider(model, positive, negative, run.cfg)
@@ -409,7 +434,7 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
                       default=0)
     shape = model_shape(model, config.target_modules, lora_layers=config.lora_layers)
     training = TrainingShape(rank=config.rank, forward_batch=config.batch_size * cfg_factor,
-                             tokens=packed_token_count(tuple(latents.shape[1:])) + text_tokens,
+                             tokens=token_count(model, tuple(latents.shape[1:])) + text_tokens,
                              checkpointing=config.gradient_checkpointing, offload_optimizer=config.offload_optimizer,
                              stream_headroom=stream_headroom() if run.stream_weights else None)
     free = available_memory(model.load_device)
@@ -500,11 +525,13 @@ def one_size_batch(samples) -> torch.Tensor:
     if isinstance(samples, (list, tuple)):
         if not samples:
             raise HostInputError(_EMPTY_DATASET)
-        sizes = sorted({tuple(s.shape[-2:]) for s in samples})
+        # entries are batches [B, C, (T,) H, W], as the host's dataset nodes make them, or single [C, H, W] images
+        batches = [s if s.dim() >= 4 else s[None] for s in samples]
+        sizes = sorted({tuple(s.shape[2:]) for s in batches})
         if len(sizes) > 1:
             raise HostInputError(f"latents: the latents have {len(sizes)} sizes {sizes}; resize the images to one size "
                                  f"(e.g. the dataset node's resize option) or train one size per run")
-        samples = torch.cat([s if s.dim() == 4 else s[None] for s in samples])
+        samples = torch.cat(batches)
     if not isinstance(samples, torch.Tensor) or samples.dim() < 3:
         raise HostInputError(f"latents: expected a LATENT batch, got {type(samples).__name__} "
                              f"{tuple(getattr(samples, 'shape', ()))}")

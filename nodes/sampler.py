@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..shortcut_core.schedules import packed_token_count
 from . import host
 from .inputs import checked_inputs
 
@@ -53,7 +54,7 @@ class ShortcutSampler:
     @checked_inputs
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None):
         sigmas = host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
-                                      latent_shape=latent_image["samples"].shape)
+                                      tokens=host.token_count(model, tuple(latent_image["samples"].shape[1:])))
         return (host.sample(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)
 
 
@@ -81,7 +82,6 @@ class ShortcutScheduler:
 
     @checked_inputs
     def get_sigmas(self, steps, shift, denoise, resolution_shift, width, height):
-        # An 8x VAE latent of this image size: only its token count matters.
-        latent_shape = (16, height // 8, width // 8)
+        # An 8x VAE latent of this image size in 2 x 2 patches (Flux, SD3): only its token count matters.
         return (host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
-                                     latent_shape=latent_shape),)
+                                     tokens=packed_token_count((16, height // 8, width // 8))),)

@@ -198,26 +198,48 @@ TINY_SD3 = {"in_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "pa
             "x_block_self_attn_layers": []}
 
 
+def _random_patcher(model, seed: int, std: float):
+    """A ModelPatcher over `model` with random weights: parameters and buffers (MMDiT's pos_embed, ...), which
+    ComfyUI leaves uninitialised for a checkpoint to fill (garbage there made a velocity test fail now and then,
+    once with NaN)."""
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def tiny_sd3(seed: int = 0, std: float = 0.05):
     """A real ComfyUI SD3 (MMDiT, ModelSamplingDiscreteFlow; width 64 * depth = 128): (BaseModel, ModelPatcher).
     Conditioning: [[context[1, L, 48], {"pooled_output": pooled[1, 32]}]]."""
     import torch
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     mc = comfy.supported_models.SD3(dict(TINY_SD3))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        # parameters and buffers (MMDiT's pos_embed): ComfyUI leaves both to a checkpoint, uninitialised until
-        # then; garbage there made a velocity test fail now and then (once with NaN)
-        for p in [*model.diffusion_model.parameters(), *model.diffusion_model.buffers()]:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    return model, patcher
+    return model, _random_patcher(model, seed, std)
+
+
+TINY_WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64,
+                ffn_dim=128, freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=2, eps=1e-6)
+
+
+def tiny_wan(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI Wan 2.1 text-to-video model (WAN21_T2V, WanModel, shift 8) at width 64: (BaseModel,
+    ModelPatcher). Latents [B, 16, T, H, W]; conditioning [[context[1, L, 32], {}]]."""
+    import torch
+    import comfy.supported_models
+
+    mc = comfy.supported_models.WAN21_T2V(dict(TINY_WAN))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({}, device="cpu")
+    return model, _random_patcher(model, seed, std)
 
 
 def flux_positive(patcher, tokens: int = 16, seed: int = 0, guidance: float | None = 3.5):
