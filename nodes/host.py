@@ -93,12 +93,14 @@ def token_count(model, latent_shape: Sequence[int]) -> int:
     patch_embedding Conv3d); a network without a patch_size is counted as 2 x 2 over the last two dimensions."""
     patch = getattr(model.model.diffusion_model, "patch_size", 2)
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
-    dims = tuple(latent_shape)[-len(patch):]
+    dims = tuple(latent_shape)[1:][-len(patch):]
+    dims = (1,) * (len(patch) - len(dims)) + dims  # an image into a video model is one frame, as the host makes it
     return max(1, math.prod(-(-d // p) for d, p in zip(dims, patch)))
 
 
 def require_latent_dimensions(model, latents: torch.Tensor, input_name: str = "latents") -> None:
-    """Latents of the kind the model makes: images [B, C, H, W] or video [B, C, T, H, W] (its latent format)."""
+    """Latents of the kind the model makes: images [B, C, H, W] or video [B, C, T, H, W] (its latent format), after
+    the host's own fix (comfy.sample.fix_empty_latent_channels: an image latent into a video model is one frame)."""
     expected = getattr(model.get_model_object("latent_format"), "latent_dimensions", 2)
     got = latents.dim() - 2
     if got != expected:
@@ -367,7 +369,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     exactly as it was (adapters removed, weights untouched), also on errors and interrupts."""
     require_flow_model(model)
     require_trainable(model)
-    latents = one_size_batch(latents)
+    latents = comfy.sample.fix_empty_latent_channels(model, one_size_batch(latents))
     require_latent_dimensions(model, latents)
     model = fully_loadable(model)
     plan = check_memory(model, latents, positive, negative, run)
@@ -375,7 +377,7 @@ def train(model, latents: torch.Tensor, positive, negative, run: TrainingRun) ->
     sampler = _TrainingSampler(run)
     streaming = reserved_beside_weights(plan) if run.stream_weights else contextlib.nullcontext()
     with torch.inference_mode(False), host_training_mode(), streaming:
-        latents = comfy.sample.fix_empty_latent_channels(model, latents).clone()
+        latents = latents.clone()  # an ordinary tensor, whatever mode made it
         # The whole model goes to the load device (the host's TrainLoraNode does the same), unless the run
         # streams weights: then the host places what fits beside the reserve and copies the rest in per
         # forward (its lowvram path); the adapters live on the load device either way, and fp8-stored

@@ -65,11 +65,18 @@ def test_train_shortcut_trains_and_samples_video_and_its_lora_loads_everywhere_a
     assert module_hash(net) == before
 
 
-def test_image_latents_into_a_video_model_are_refused_by_name(wan, lora_dir):
+def test_an_image_into_a_video_model_is_one_frame_and_video_into_an_image_model_is_refused(wan, flux, lora_dir):
+    """As the host's own samplers do (fix_empty_latent_channels): [B, C, H, W] into Wan trains as [B, C, 1, H, W]."""
+    host = comfy_host.pack_module("nodes.host")
     patcher, positive = wan
-    with pytest.raises(ValueError, match=r"latents: this WAN21 model takes video \[B, C, T, H, W\], got shape "
-                                         r"\(2, 16, 8, 8\)"):
-        train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=1)
+    assert host.token_count(patcher, (16, 8, 8)) == 16  # one frame of 4 x 4 patches
+    _, _, loss, _, _, _, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=1,
+                                           save_name="one_frame")
+    assert torch.isfinite(torch.tensor(loss["loss"])).all()
+    with pytest.raises(ValueError, match=r"latents: this Flux model takes images \[B, C, H, W\], got shape "
+                                         r"\(2, 16, 3, 8, 8\)"):
+        train_node(flux[0], flux[1], {"samples": torch.randn(2, 16, 3, 8, 8)}, steps=1, save_name="refused")
     with pytest.raises(ValueError, match="latents: the latents have 2 sizes"):
-        train_node(patcher, positive, {"samples": [torch.randn(1, 16, 3, 8, 8), torch.randn(1, 16, 2, 8, 8)]}, steps=1)
-    assert not list(lora_dir.iterdir())  # refused before anything was written
+        train_node(patcher, positive, {"samples": [torch.randn(1, 16, 3, 8, 8), torch.randn(1, 16, 2, 8, 8)]}, steps=1,
+                   save_name="refused")
+    assert not list(lora_dir.glob("refused*"))  # refused before anything was written
