@@ -451,7 +451,7 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     fp8 = (model_shape(model, config.target_modules, stored_itemsize=1, lora_layers=config.lora_layers)
            if shape.stored_bytes > 1 else None)
     blocks = (model_shape(model, config.target_modules, lora_layers="blocks")
-              if config.lora_layers == "all" and repeated_blocks(model.model.diffusion_model) else None)
+              if config.lora_layers == "all" and shape.block_kinds else None)
     options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8,
                           blocks, stream_headroom())
     raise HostInputError(f"training needs about {plan.needed / GB:.1f} GB on {model.load_device} but "

@@ -23,12 +23,11 @@ class OffloadedAdamW:
     def __init__(self, params: Sequence[torch.Tensor], **adamw: Any):
         self.params = list(params)
         pin = any(p.is_cuda for p in self.params) and torch.cuda.is_available()
-        self.master = []
-        for p in self.params:
-            copy = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
-            copy.copy_(p.detach())
-            copy.grad = torch.zeros_like(copy)
-            self.master.append(copy)
+        def host_copy(p: torch.Tensor) -> torch.Tensor:
+            return torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+
+        self.master = [host_copy(p).copy_(p.detach()) for p in self.params]
+        self.grads = [host_copy(p) for p in self.params]  # where the gradients land, reused every step
         self.inner = torch.optim.AdamW(self.master, **adamw)
 
     @property
@@ -37,23 +36,15 @@ class OffloadedAdamW:
 
     @torch.no_grad()
     def step(self) -> None:
-        live = [(p, m) for p, m in zip(self.params, self.master) if p.grad is not None]
-        for p, m in live:
-            m.grad.copy_(p.grad, non_blocking=True)
-        if any(p.is_cuda for p, _ in live):
-            torch.cuda.synchronize()
         # a parameter without a gradient takes no step, as in torch's own optimizers
-        grads = {id(m): m.grad for _, m in live}
-        for m in self.master:
-            m.grad = grads.get(id(m))
-        try:
-            self.inner.step()
-        finally:
-            for m in self.master:
-                if m.grad is None:
-                    m.grad = torch.zeros_like(m)
-        for p, m in live:
-            p.copy_(m, non_blocking=True)
+        for p, m, g in zip(self.params, self.master, self.grads):
+            m.grad = None if p.grad is None else g.copy_(p.grad, non_blocking=True)
+        if any(p.is_cuda for p in self.params):
+            torch.cuda.synchronize()  # the gradients have landed (and the last step's copies back are done)
+        self.inner.step()
+        for p, m in zip(self.params, self.master):
+            if m.grad is not None:
+                p.copy_(m, non_blocking=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:

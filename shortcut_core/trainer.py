@@ -101,6 +101,10 @@ def _check_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tens
     return stacked
 
 
+def _write_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    write_safetensors_atomic(path, tensors, {"shortcut_flow.checkpoint": json.dumps(meta)})
+
+
 class ShortcutTrainer:
     """Holds one SCFM run: adapters in `module`, optimizer, RNG, step count and loss history.
 
@@ -177,6 +181,11 @@ class ShortcutTrainer:
         self.calibration: Calibration | None = None
         self._consistent = True
 
+    @property
+    def processes(self) -> int:
+        """Processes training this run together (1 without data parallelism)."""
+        return self.parallel.world if self.parallel is not None else 1
+
     # ------------------------------------------------------------------ velocity roles
     def velocity_as(self, role: str) -> VelocityFn:
         """The velocity callable with the module switched to `role` for each call."""
@@ -200,11 +209,11 @@ class ShortcutTrainer:
         """The micro-batch's items, noise and draws. Data parallel: every process draws the whole batch of
         all processes from the same generator and keeps its shard (the draws of one process with that batch)."""
         cfg, g, n = self.config, self.generator, self.latents.shape[0]
-        total = cfg.batch_size * (self.parallel.world if self.parallel is not None else 1)
+        total = cfg.batch_size * self.processes
         part = self.parallel.shard(total) if self.parallel is not None else slice(None)
         index = torch.randint(n, (total,), generator=g)
         noise = torch.randn((total, *self.latents.shape[1:]), generator=g, dtype=torch.float32)
-        draw = draw_shortcut_items(total, cfg, self.generator, self.token_count)
+        draw = draw_shortcut_items(total, cfg, g, self.token_count)
         index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
         noise = noise[part].to(self.device, x0.dtype)
@@ -312,15 +321,15 @@ class ShortcutTrainer:
         return self.result()
 
     def _checkpoint(self, path: str, on_checkpoint: Callable[[], None] | None) -> None:
+        tensors, meta = self.state_tensors()
         if self.parallel is not None:
             # every process holds the run; one writes it, after checking that all hold the same
-            tensors, _ = self.state_tensors()
             self.parallel.check_identical([t for k, t in sorted(tensors.items()) if k not in ("rng", "losses")],
                                           "the LoRA, EMA or optimizer state")
             if self.parallel.rank != 0:
                 return
         try:
-            self.save_checkpoint(path)
+            _write_checkpoint(path, tensors, meta)
             if on_checkpoint is not None:
                 on_checkpoint()
         except SafetensorsFileError as e:
@@ -396,14 +405,13 @@ class ShortcutTrainer:
         tensors["rng"] = self.generator.get_state()
         tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
         meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "config": self.config.to_dict(),
-                "processes": self.parallel.world if self.parallel is not None else 1,
+                "processes": self.processes,
                 "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
                 "student": [name for name, _ in self.adapters.named_parameters(STUDENT)]}
         return tensors, meta
 
     def save_checkpoint(self, path: str) -> None:
-        tensors, meta = self.state_tensors()
-        write_safetensors_atomic(path, tensors, {"shortcut_flow.checkpoint": json.dumps(meta)})
+        _write_checkpoint(path, *self.state_tensors())
 
     @torch.no_grad()
     def load_checkpoint(self, path: str) -> None:
@@ -441,7 +449,7 @@ class ShortcutTrainer:
         self.generator.set_state(tensors["rng"])
         self.losses = [float(v) for v in tensors["losses"]]
         self.step_count = int(meta["step"])
-        processes, now = int(meta.get("processes", 1)), self.parallel.world if self.parallel is not None else 1
+        processes, now = int(meta.get("processes", 1)), self.processes
         if processes != now:
             warnings.warn(f"resuming {path!r} on {now} process(es); it was trained on {processes}: an optimizer step "
                           f"now sees {self.config.batch_size * now * self.config.grad_accum_steps} items instead of "
