@@ -76,7 +76,11 @@ def read_safetensors(path: str | os.PathLike, *, what: str = "file") -> tuple[di
         raise SafetensorsFileError(f"{what} {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # A safetensors file starts with its header's length (u64, little-endian) and then the header's "{": its first
+    # byte may be 0x80 or "P" for some header lengths, so the pickle/zip signatures count only when that is absent.
+    header_length = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 0 < header_length <= os.path.getsize(path) - 8
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise SafetensorsFileError(f"{what} {path!r} is a pickle/zip checkpoint (.ckpt/.pt), not safetensors; it is "
                                    f"not loaded because unpickling can run code. Convert it to .safetensors first.")
     try:

@@ -385,3 +385,22 @@ def test_rewrite_keeps_the_files_mode(tmp_path):
     os.chmod(path, 0o640)
     save_lora(path, sample_weights(1))
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_a_safetensors_file_whose_length_starts_like_a_pickle_or_zip_still_reads(tmp_path, first_bytes):
+    """The header length opens the file: for some lengths its first byte is a pickle's 0x80 or a zip's "PK" (a
+    trained LoRA's metadata once grew to such a length and the file was refused as a pickle)."""
+    path = tmp_path / "lora.safetensors"
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_file(tensors, str(path), metadata={"note": ""})
+    target = int.from_bytes(first_bytes.ljust(2, b"\0")[:2], "little") if len(first_bytes) == 2 else 0x80
+    start = max(0, target - int.from_bytes(path.read_bytes()[:8], "little") - 16)  # each note byte adds one
+    for pad in range(start, start + 64):
+        save_file(tensors, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[:len(first_bytes)] == first_bytes:
+            break
+    else:
+        pytest.fail("no padding gave that header length")
+    got, meta = read_safetensors(path)
+    assert torch.equal(got["w"], tensors["w"]) and meta["note"] == "x" * pad
