@@ -228,26 +228,29 @@ def dataset_from_prompts(args, model, clip, parallel):
                                 guidance=teacher["guidance"], cfg=teacher["cfg"],
                                 negative_prompt=teacher["negative_prompt"], seed=teacher["seed"],
                                 schedule=teacher["schedule"],
-                                shift=teacher["shift"] if teacher["schedule"] == SHORTCUT_SCHEDULE else 0.0)
+                                shift=teacher["shift"] if teacher["schedule"] == SHORTCUT_SCHEDULE else 0.0,
+                                length=teacher["length"])
     if not args.prompts.is_file():
         raise SystemExit(f"--prompts: {args.prompts} is not a file")
     lines = host_teacher.parse_prompts(args.prompts.read_text(encoding="utf-8"))
-    host_teacher.check_settings(lines, settings)
+    host_teacher.check_settings(lines, settings, model.get_model_object("latent_format"))
 
     def make():
         return host_teacher.PromptLatents(model, clip, settings, teacher["cache"] or parallel is not None).make(
             lines, teacher["per_prompt"], teacher["batch_size"])
 
+    # the teacher's negative goes on to training when it sampled with true CFG (cfg 0 there: the family's)
+    keep_negative = teacher["cfg"] > 1.0
     if parallel is None:
-        latents, positive, _ = make()
-        return latents, positive
+        latents, positive, negative = make()
+        return latents, positive, negative if keep_negative else None
     import torch.distributed as dist
     if parallel.rank == 0:
         made = make()
     dist.barrier()
     if parallel.rank != 0:
         made = make()  # every image is in the cache now
-    return made[0], made[1]
+    return made[0], made[1], made[2] if keep_negative else None
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -276,8 +279,9 @@ def main(argv: list[str] | None = None, models=None) -> int:
         model, clip, vae = models if models is not None else load_models(args)
         if args.images is not None:
             latents, positive = dataset_from_images(args.images, clip, vae, args.guidance)
+            negative = None
         else:
-            latents, positive = dataset_from_prompts(args, model, clip, parallel)
+            latents, positive, negative = dataset_from_prompts(args, model, clip, parallel)
         values = {name: getattr(args, dest) for dest, name in args._groups["train"]}
         options = {name: getattr(args, dest) for dest, name in args._groups["options"]}
         if parallel is not None and parallel.rank != 0:
@@ -287,9 +291,10 @@ def main(argv: list[str] | None = None, models=None) -> int:
         # latents made so far stay cached)
         stop = StopRequest()
         try:
-            out = TrainShortcut().train(model=model, latents={"samples": latents}, positive=positive, options=options,
+            out = TrainShortcut().train(model=model, latents={"samples": latents}, positive=positive, negative=negative,
+                                        options=options,
                                         progress=HeadlessProgress(stop, parallel, model.load_device),
-                                        parallel=parallel, **values)
+                                        parallel=parallel, files=(args.unet,), **values)
         except TrainingStopped as e:
             if parallel is None or parallel.rank == 0:
                 folder = os.path.dirname(host.output_paths(values["save_name"])[0])

@@ -15,12 +15,14 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sample
@@ -32,7 +34,7 @@ import latent_preview
 
 from ..shortcut_core.calibration import Calibration
 from ..shortcut_core.adapters import lora_target_names
-from ..shortcut_core.config import ShortcutConfig
+from ..shortcut_core.config import SCHEDULE_KNOBS, ShortcutConfig, schedule_around
 from ..shortcut_core.data_parallel import DataParallel
 from ..shortcut_core.memory_plan import (GB, MemoryPlan, ModelShape, TrainingShape, lora_fan, plan_training,
                                          suggestions)
@@ -74,6 +76,106 @@ def _denoises_as_velocity(sampling) -> bool:
     except Exception:  # noqa: BLE001 - any failure means it is not the rule we rely on
         return False
     return isinstance(denoised, torch.Tensor) and torch.allclose(denoised.float(), x - t * v)
+
+
+# ---------------------------------------------------------------------------------------------- families
+# ModelSamplingFlux's shift is Flux's mu: the model samples at e^mu. 1.15 is the host's Flux default (and what its
+# ModelSamplingFlux node gives at 1024 px): the shift the paper's recipe (draw 2.5-4.5, sample 3.25) was tuned at.
+FLUX_MU = 1.15
+
+# True CFG each family is sampled with (the "auto" cfg when a negative is connected): ComfyUI's example workflows
+# for each family, SD3.5 the SCFM authors' recipe (3.5, empty negative). Families not named here (Flux dev and
+# HunyuanVideo take distilled guidance instead) run at 1.0.
+FAMILY_CFG = {"SD3": 3.5, "AuraFlow": 3.5, "HiDream": 5.0, "WAN21": 6.0, "WAN22": 5.0, "QwenImage": 2.5,
+              "Chroma": 4.0, "Lumina2": 4.0, "LTXV": 3.0}
+
+# Models that cannot be shortcut by one LoRA: Wan 2.2 A14B is two experts (high noise, then low noise) that the
+# host loads as two Wan 2.1-class models and its workflows switch between by step (KSamplerAdvanced): a LoRA on
+# one expert learns jumps that end where the other expert takes over, not a shortcut of the pair. The host cannot
+# tell an expert from a Wan 2.1 14B by its weights, so the file names the graph loads are read.
+EXPERT_PAIR_FILES = re.compile(r"wan[-_ .]?2[-_ .]?2.*(a14b|(high|low)[-_ ]?noise)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """The SCFM recipe for the model a user connects, where the paper's Flux recipe does not fit it as is."""
+    family: str                   # the host's model class (Flux, SD3, WAN21, QwenImage, ...)
+    model_shift: float            # the shift the model samples at, after any ModelSampling node
+    schedule: dict[str, float]    # shift_min, shift_max, resolution_shift_prob, sample_shift
+    guidance_draw: bool           # a distilled-guidance input the trainer draws per item (Flux dev, HunyuanVideo)
+    cfg: float                    # true CFG the family is sampled with (1.0: none)
+
+    def text(self, cfg: float) -> str:
+        """The recipe as the node shows it, for a run at true CFG `cfg`."""
+        s = self.schedule
+        return (f"{self.family} recipe: training shifts {s['shift_min']:.3g}-{s['shift_max']:.3g}"
+                + (f" (resolution shift {s['resolution_shift_prob']:.0%})" if s["resolution_shift_prob"] else "")
+                + f", sampling shift {s['sample_shift']:.3g}, "
+                + ("guidance drawn per item, " if self.guidance_draw else "")
+                + f"cfg {cfg:g}" + ("" if cfg != 1.0 or self.cfg == 1.0 else
+                                    f" ({self.family} samples with true CFG {self.cfg:g}: connect a negative, e.g. an "
+                                    f"empty prompt, to distil the guided model)"))
+
+
+def family_recipe(model) -> FamilyRecipe:
+    """The recipe for a MODEL, from what the host knows of it: its model class, its sampling object (a ModelSampling
+    node before this one counts) and its network's guidance input. Flux sampled at its own shift gets the paper's
+    recipe unchanged; any other shift gets the paper's draw scaled to it (config.schedule_around)."""
+    sampling = model.get_model_object("model_sampling")
+    net = model.model.diffusion_model
+    family = type(model.model).__name__
+    flux_like = isinstance(sampling, comfy.model_sampling.ModelSamplingFlux)
+    raw = float(getattr(sampling, "shift", 1.0))
+    shift = math.exp(raw) if flux_like else raw
+    if flux_like and math.isclose(raw, FLUX_MU):
+        paper = ShortcutConfig()
+        schedule = {k: getattr(paper, k) for k in SCHEDULE_KNOBS}
+    else:
+        schedule = schedule_around(shift)
+    guidance_in = getattr(net, "guidance_in", None)
+    cfg = next((FAMILY_CFG[c.__name__] for c in type(model.model).__mro__ if c.__name__ in FAMILY_CFG), 1.0)
+    return FamilyRecipe(family=family, model_shift=shift, schedule=schedule,
+                        guidance_draw=guidance_in is not None and not isinstance(guidance_in, torch.nn.Identity),
+                        cfg=cfg)
+
+
+def resolved_cfg(recipe: FamilyRecipe, cfg: float, negative) -> float:
+    """cfg 0 means the family's: its true CFG when a negative is connected, else 1 (the positive alone)."""
+    if cfg > 0:
+        return float(cfg)
+    return recipe.cfg if negative is not None else 1.0
+
+
+MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def upstream_files(prompt: dict | None, node_id: str | None, input_name: str = "model") -> list[str]:
+    """The file names a node's MODEL was loaded from, read off the executing prompt: the model-file widgets of the
+    nodes up its chain of "model" inputs (loaders, LoRA loaders, ModelSampling and other model patches)."""
+    if not prompt or node_id is None or str(node_id) not in prompt:
+        return []
+    names: list[str] = []
+    seen: set[str] = set()
+    link = prompt[str(node_id)].get("inputs", {}).get(input_name)
+    while isinstance(link, list) and len(link) == 2 and str(link[0]) in prompt and str(link[0]) not in seen:
+        seen.add(str(link[0]))
+        inputs = prompt[str(link[0])].get("inputs", {})
+        names += [v for v in inputs.values() if isinstance(v, str) and v.lower().endswith(MODEL_FILE_EXTENSIONS)]
+        link = inputs.get("model")
+    return names
+
+
+def require_single_model(model, files: Sequence[str], input_name: str = "model") -> None:
+    """Refuse one expert of a model the host samples as two (Wan 2.2 A14B), by the files the graph loads."""
+    if not isinstance(model.model, getattr(comfy.model_base, "WAN21", ())) or isinstance(
+            model.model, getattr(comfy.model_base, "WAN22", ())):
+        return
+    expert = next((f for f in files if EXPERT_PAIR_FILES.search(os.path.basename(f))), None)
+    if expert is not None:
+        raise HostInputError(
+            f"{input_name}: {expert} is one of Wan 2.2 A14B's two experts (high noise, then low noise, switched by "
+            f"step). A shortcut jumps across the whole schedule, which no single expert covers, so a LoRA on one "
+            f"expert is not a shortcut of the pair. Use Wan 2.2 5B (wan2.2_ti2v_5B) or Wan 2.1 (1.3B / 14B) instead")
 
 
 def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
@@ -285,6 +387,7 @@ class TrainingRun:
     calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
     stream_weights: bool = False          # keep on the device only the weights that fit beside training (lowvram)
     parallel: DataParallel | None = None  # data parallel under torchrun (the headless command)
+    summary: str = ""                     # the recipe chosen for the model's family, shown with the memory plan
 
 
 @dataclass
@@ -443,6 +546,8 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     plan = plan_training(shape, training, free)
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
     text = plan.text(free, stored)
+    if run.summary:
+        text = f"{run.summary}\n{text}"
     log.info("TrainShortcut %s", text)
     if free is None or plan.fits(free):
         if run.progress is not None:

@@ -36,7 +36,26 @@ CACHE_FOLDER = "shortcut_teacher_cache"  # under ComfyUI's output folder, which 
 TEACHER_SCHEDULE = "teacher: euler, simple"
 SHORTCUT_SCHEDULE = "shortcut: euler, SCFM shift"
 SCHEDULES = (TEACHER_SCHEDULE, SHORTCUT_SCHEDULE)
-SPATIAL_DOWNSCALE = 8  # pixels per latent cell of the image models this node is for (Flux, SD3)
+# Pixels per latent cell and frames per latent frame of each latent format's VAE, as the host's own empty-latent
+# nodes make them (EmptySD3LatentImage, EmptyHunyuanLatentVideo: 8 and 4; Wan22ImageToVideoLatent: 16 and 4;
+# EmptyLTXVLatentVideo: 32 and 8).
+VAE_COMPRESSION = {"Wan22": (16, 4), "LTXV": (32, 8)}
+DEFAULT_COMPRESSION = (8, 4)
+
+
+def compression(latent_format) -> tuple[int, int]:
+    """(pixels per latent cell, frames per latent frame) of a latent format."""
+    return VAE_COMPRESSION.get(type(latent_format).__name__, DEFAULT_COMPRESSION)
+
+
+def latent_shape(latent_format, width: int, height: int, length: int) -> tuple[int, ...]:
+    """One empty latent: [C, H, W], or [C, T, H, W] for formats with a time axis (an image model with one, as
+    Qwen-Image, gets one frame), as the host's empty-latent nodes make it."""
+    spatial, temporal = compression(latent_format)
+    size = (height // spatial, width // spatial)
+    if getattr(latent_format, "latent_dimensions", 2) == 3:
+        return (latent_format.latent_channels, (length - 1) // temporal + 1, *size)
+    return (latent_format.latent_channels, *size)
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -55,6 +74,15 @@ class SamplingSettings:
     seed: int
     schedule: str
     shift: float
+    length: int = 1  # frames, for video models
+
+
+def _settings_key(settings: SamplingSettings) -> dict:
+    """The settings as the cache keys them; one frame is keyed as before there were frames (caches stay valid)."""
+    key = asdict(settings)
+    if key["length"] == 1:
+        del key["length"]
+    return key
 
 
 def model_fingerprint(model) -> str:
@@ -142,7 +170,7 @@ class PromptLatents:
     def key_prefix(self) -> str:
         if self._prefix is None:
             self._prefix = fingerprint([model_fingerprint(self.model), clip_fingerprint(self.clip),
-                                        asdict(self.settings)])
+                                        _settings_key(self.settings)])
         return self._prefix
 
     def encode(self, text: str, guidance: float | None = None) -> list:
@@ -199,7 +227,7 @@ class PromptLatents:
     def _sample(self, jobs: list[tuple[str, int]], batch_size: int) -> dict:
         s, model = self.settings, self.model
         latent_format = model.model.latent_format
-        shape = (latent_format.latent_channels, s.height // SPATIAL_DOWNSCALE, s.width // SPATIAL_DOWNSCALE)
+        shape = latent_shape(latent_format, s.width, s.height, s.length)
         negative = self.encode(s.negative_prompt)
         total = len(jobs) * s.steps
         bar = comfy.utils.ProgressBar(total)
@@ -241,14 +269,21 @@ class PromptLatents:
                                           positive, negative, latent, callback=callback, disable_pbar=True, seed=seed)
 
 
-def check_settings(prompts: list[str], settings: SamplingSettings) -> None:
+def check_settings(prompts: list[str], settings: SamplingSettings, latent_format=None) -> None:
     if not prompts:
         raise HostInputError("prompts: no prompt; write one prompt per line (blank lines and # comments are "
                              "ignored)")
+    spatial, temporal = compression(latent_format)
     for name in ("width", "height"):
         value = getattr(settings, name)
-        if value % (2 * SPATIAL_DOWNSCALE):
-            raise HostInputError(f"{name}: {value} is not a multiple of {2 * SPATIAL_DOWNSCALE}; Flux and SD3 "
-                                 f"latents are patched in 2x2 cells of 8 pixels")
+        if value % (2 * spatial):
+            raise HostInputError(f"{name}: {value} is not a multiple of {2 * spatial}; this model's latents are "
+                                 f"patched in 2x2 cells of {spatial} pixels")
+    video = getattr(latent_format, "latent_dimensions", 2) == 3
+    if settings.length != 1 and not video:
+        raise HostInputError(f"length: {settings.length} frames, but this model makes images; set length to 1")
+    if (settings.length - 1) % temporal:
+        raise HostInputError(f"length: {settings.length} frames; this video model takes {temporal}k + 1 frames "
+                             f"(1, {1 + temporal}, {1 + 2 * temporal}, ...), as its empty-latent node counts them")
     if settings.schedule not in SCHEDULES:
         raise HostInputError(f"schedule: {settings.schedule!r}; one of {list(SCHEDULES)}")

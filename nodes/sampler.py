@@ -37,12 +37,14 @@ class ShortcutSampler:
                 "resolution_shift": _RESOLUTION_SHIFT,
                 "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "True classifier-free guidance; needs a negative. 1.0 runs the positive "
-                                             "alone (Flux dev uses its distilled guidance instead)."}),
+                                             "alone (Flux dev uses its distilled guidance instead). Use the cfg the "
+                                             "LoRA was trained with (the loader and Train Shortcut say it)."}),
                 "denoise": _DENOISE,
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Optional negative conditioning, used when cfg > 1."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -52,7 +54,9 @@ class ShortcutSampler:
     DESCRIPTION = "Few-step Euler sampling on the SCFM schedule, for models with a shortcut LoRA."
 
     @checked_inputs
-    def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None):
+    def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
+               unique_id=None, prompt=None):
+        host.require_single_model(model, host.upstream_files(prompt, unique_id))
         sigmas = host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                       tokens=host.token_count(model, tuple(latent_image["samples"].shape[1:])))
         return (host.sample(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)

@@ -47,6 +47,10 @@ class ShortcutTeacherLatents:
                                "on the SCFM schedule with the shift below, for a model with a shortcut LoRA."}),
                 "shift": ("FLOAT", {"default": 3.25, "min": 0.01, "max": 100.0, "step": 0.01,
                                     "tooltip": "The SCFM schedule's shift (shortcut schedule only)."}),
+                "length": ("INT", {"default": 1, "min": 1, "max": 4096, "step": 1,
+                                   "tooltip": "Video models: frames per clip, counted as their Empty Latent Video "
+                                              "node counts them (Wan, HunyuanVideo: 4k + 1, e.g. 33 or 81). 1 for "
+                                              "image models."}),
             }
         }
 
@@ -62,12 +66,12 @@ class ShortcutTeacherLatents:
 
     @checked_inputs
     def make(self, model, clip, prompts, per_prompt, width, height, steps, guidance, cfg, negative_prompt, seed,
-             batch_size, cache, schedule, shift):
+             batch_size, cache, schedule, shift, length=1):
         lines = host_teacher.parse_prompts(prompts)
         settings = SamplingSettings(width=width, height=height, steps=steps, guidance=guidance, cfg=cfg,
                                     negative_prompt=negative_prompt, seed=seed, schedule=schedule,
-                                    shift=shift if schedule == SHORTCUT_SCHEDULE else 0.0)
-        host_teacher.check_settings(lines, settings)
+                                    shift=shift if schedule == SHORTCUT_SCHEDULE else 0.0, length=length)
+        host_teacher.check_settings(lines, settings, model.get_model_object("latent_format"))
         latents, positive, negative = host_teacher.PromptLatents(model, clip, settings, cache).make(
             lines, per_prompt, batch_size)
         return ({"samples": latents}, positive, negative)

@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..shortcut_core.adapters import STUDENT
-from ..shortcut_core.config import LORA_LAYERS, ShortcutConfig
+from ..shortcut_core.config import LORA_LAYERS, SCHEDULE_KNOBS, ShortcutConfig
 from ..shortcut_core.loss_plot import loss_curve_image
 from . import host, host_lora
 from .inputs import check_inputs, checked_inputs
@@ -47,7 +47,8 @@ class ShortcutTrainingOptions:
                 "sample_steps": _int(_D.sample_steps, "Steps the LoRA is meant for: previews, calibration and the "
                                      "file's recipe.", 1, 100),
                 "sample_shift": _float(_D.sample_shift, "Shift the LoRA is meant for (calibration tries it and its "
-                                       "neighbours).", 0.01, 100.0),
+                                       "neighbours). Left at 3.25: the shift the connected model samples at.",
+                                       0.01, 100.0),
                 "sample_strength": _float(_D.sample_strength, "Strength written to the file when calibrate is off.",
                                           0.01, 4.0),
                 "t_skip": _int(_D.t_skip, "Sub-steps each target walks (even): first half teacher or fast EMA, "
@@ -57,10 +58,14 @@ class ShortcutTrainingOptions:
                 "teacher_max_steps": _int(_D.teacher_max_steps, "...up to this many, in strides of t_skip.", 2),
                 "non_shortcut_ratio": _float(_D.non_shortcut_ratio, "Share of items with the plain flow-matching "
                                              "target (pre-training fusion; 0 for Flux)."),
-                "shift_min": _float(_D.shift_min, "Training schedules use a shift drawn from [min, max].", 0.01, 100.0),
+                "shift_min": _float(_D.shift_min, "Training schedules use a shift drawn from [min, max]. Left at Flux's "
+                                   "2.5 (and likewise the three below), the connected model's own is used: the "
+                                   "paper's draw scaled to the shift it samples at (Wan 8: 6.15-11.1; README).",
+                                   0.01, 100.0),
                 "shift_max": _float(_D.shift_max, "Upper end of the shift draw.", 0.01, 100.0),
-                "resolution_shift_prob": _float(_D.resolution_shift_prob, "Probability of the resolution shift "
-                                                "e^mu instead (0 for SD3)."),
+                "resolution_shift_prob": _float(_D.resolution_shift_prob, "Probability of Flux's resolution shift "
+                                                "e^mu instead. Left at 0.1: 0.1 for Flux and Chroma, 0 for the "
+                                                "other families (as the SD3.5 recipe)."),
                 "ema_slow_decay": _float(_D.ema_slow_decay, "Slow EMA decay (second half of each target).", 0.0,
                                          0.999999, 0.0001),
                 "ema_fast_decay": _float(_D.ema_fast_decay, "Fast EMA decay (first half of self items).", 0.0,
@@ -136,9 +141,10 @@ class TrainShortcut:
                 "resume_lora": ([NO_RESUME] + host.lora_names(), {
                     "tooltip": "Continue from a LoRA: exactly (optimizer, EMAs, step) when its .train_state file is "
                                "beside it, else starting the student and both EMAs from it."}),
-                "cfg": _float(1.0, "True CFG inside the student's prediction and every target sub-step, for models "
-                              "without distilled guidance (SD3.5: 3.5 with an empty negative). Needs a negative.",
-                              1.0, 30.0, 0.1),
+                "cfg": _float(0.0, "True CFG inside the student's prediction and every target sub-step, for models "
+                              "without distilled guidance; sample the LoRA with the same cfg. 0: the model family's "
+                              "when a negative is connected (SD3.5 3.5, Wan 2.1 6, Wan 2.2 5B 5, Qwen-Image 2.5, "
+                              "Chroma and Lumina 2 4; Flux dev 1: it has distilled guidance), else 1.", 0.0, 30.0, 0.1),
                 "preview_every": _int(100, "Show the teacher and the student at the LoRA's few steps beside the "
                                       "teacher at many, in this node, every this many steps (0: off). The final "
                                       "comparison is the preview output either way.", 0),
@@ -152,7 +158,7 @@ class TrainShortcut:
                 "options": (OPTIONS_TYPE, {"tooltip": "The recipe's other knobs (Shortcut Training Options); "
                                                       "unconnected: the authors' Flux defaults."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "IMAGE", "INT", "IMAGE", "INT", "FLOAT")
@@ -175,15 +181,22 @@ class TrainShortcut:
     @checked_inputs
     def train(self, model, latents, positive, steps, batch_size, learning_rate, rank, seed, save_name,
               checkpoint_every, resume_lora, cfg, preview_every, calibrate, negative=None, options=None,
-              unique_id=None, *, progress=None, parallel=None):
-        """`progress` and `parallel` are for the headless command (nodes/headless.py): its progress bar and
-        stop requests, and data parallelism (only process 0 writes files)."""
+              unique_id=None, prompt=None, *, progress=None, parallel=None, files=()):
+        """`progress`, `parallel` and `files` are for the headless command (nodes/headless.py): its progress bar
+        and stop requests, data parallelism (only process 0 writes files), and the model files it loaded."""
         given = dict(options or {})
         unknown = sorted(set(given) - set(_option_defaults()))
         if unknown:
             raise host.HostInputError(f"options: unknown knobs {unknown}; connect a Shortcut Training Options node")
         check_inputs(ShortcutTrainingOptions.INPUT_TYPES(), given)  # values can come from anywhere: check them
         o = {**_option_defaults(), **given}
+        host.require_single_model(model, [*files, *host.upstream_files(prompt, unique_id)])
+        # The schedule knobs left at the paper's (Flux) values follow the connected model's family.
+        recipe = host.family_recipe(model)
+        for knob in SCHEDULE_KNOBS:
+            if o[knob] == _option_defaults()[knob]:
+                o[knob] = recipe.schedule[knob]
+        cfg = host.resolved_cfg(recipe, cfg, negative)
         targets = tuple(name.strip() for name in o["target_modules"].split(",") if name.strip()) or None
         config = ShortcutConfig(
             rank=rank, alpha=o["alpha"], target_modules=targets, t_skip=o["t_skip"], t_max=o["t_max"],
@@ -197,7 +210,8 @@ class TrainShortcut:
             steps=steps, seed=seed, checkpoint_every=checkpoint_every,
             gradient_checkpointing=o["gradient_checkpointing"], offload_optimizer=o["offload_optimizer"],
             lora_layers=o["lora_layers"], sample_steps=o["sample_steps"],
-            sample_shift=o["sample_shift"], sample_strength=o["sample_strength"])
+            sample_shift=o["sample_shift"], sample_strength=o["sample_strength"],
+            extra={"family": recipe.family, "cfg": cfg})
         init_lora, resume_state, keep = None, None, None
         if resume_lora != NO_RESUME:
             keep = host.lora_path(resume_lora, "resume_lora")
@@ -221,7 +235,8 @@ class TrainShortcut:
         run = host.TrainingRun(config=config, cfg=cfg, init_lora=init_lora, resume_state=resume_state,
                                checkpoint_path=state_file, progress=progress or host.Progress(steps, unique_id),
                                on_checkpoint=write_lora, preview_every=preview_every, calibrate=calibrate,
-                               stream_weights=o["stream_weights"], parallel=parallel)
+                               stream_weights=o["stream_weights"], parallel=parallel,
+                               summary=recipe.text(cfg))
         outcome = host.train(model, latents["samples"], positive, negative, run)
         result = outcome.result
         log.info("TrainShortcut: %d steps, final loss %.4g; wrote %s", result.steps,

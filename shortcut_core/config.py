@@ -184,3 +184,20 @@ class ShortcutConfig:
 
     def replace(self, **changes: Any) -> "ShortcutConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The schedule knobs a model family may set for itself (nodes/host.py: family_recipe).
+SCHEDULE_KNOBS = ("shift_min", "shift_max", "resolution_shift_prob", "sample_shift")
+
+
+def schedule_around(model_shift: float, resolution_shift_prob: float = 0.0) -> dict[str, float]:
+    """The paper's schedule knobs for a model sampled at another shift than Flux: its draw U[2.5, 4.5] around the
+    sampling shift 3.25, scaled by model_shift / 3.25 (Wan at 8: U[6.15, 11.1], sampled at 8). The resolution shift
+    is Flux's own rule (mu on its 256 / 4096-token line), so other families draw none unless told; the SD3.5 recipe
+    likewise sets it to 0."""
+    if not (isinstance(model_shift, (int, float)) and math.isfinite(model_shift) and model_shift > 0):
+        raise ConfigError("sample_shift", f"a model's sampling shift must be a finite number > 0 (got {model_shift!r})")
+    paper = ShortcutConfig()
+    scale = model_shift / paper.sample_shift
+    return {"shift_min": round(paper.shift_min * scale, 4), "shift_max": round(paper.shift_max * scale, 4),
+            "resolution_shift_prob": resolution_shift_prob, "sample_shift": round(float(model_shift), 4)}

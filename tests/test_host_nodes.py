@@ -383,5 +383,7 @@ def test_training_shows_step_and_loss_on_the_node_and_the_progress_bar(flux, lor
     values = [v for v, total, node_id in bars if node_id == "42"]
     assert values[0] == 0 and values[-1] == 3 and values == sorted(values)  # newer hosts throttle the bar
     assert [node_id for node_id, _ in texts] == ["42"] * 4
-    assert texts[0][1].startswith("plan: ") and "weights" in texts[0][1]  # the memory plan comes first
+    # the recipe for the model's family and the memory plan come first
+    assert texts[0][1].startswith("Flux recipe: training shifts 2.5-4.5 (resolution shift 10%), sampling shift 3.25")
+    assert "\nplan: " in texts[0][1] and "weights" in texts[0][1]
     assert texts[-1][1].startswith("step 3/3  loss ")

@@ -160,3 +160,25 @@ def test_bad_inputs_are_named(teacher):
         make(patcher, clip, prompts="# nothing\n\n")
     with pytest.raises(ValueError, match="width: 72 is not a multiple of 16"):
         make(patcher, clip, width=72)
+
+
+def test_video_models_get_clips_of_the_frames_asked_and_train_on_them(teacher, lora_dir):
+    """Wan: `length` frames as its Empty Latent Video node counts them (4k + 1 frames: (length - 1) / 4 + 1 latent
+    frames); the clips train as they are. An image model refuses frames, a video model a length it cannot make."""
+    flux, clip, cache = teacher
+    with torch.inference_mode():
+        _, wan = comfy_host.tiny_wan(seed=3)  # text width 32, as the tiny CLIP's
+    latents, positive, negative = make(wan, clip, prompts="a wave\na flag", per_prompt=1, width=32, height=48,
+                                       length=9, cfg=2.0)
+    assert latents["samples"].shape == (2, 16, 3, 6, 4) and torch.isfinite(latents["samples"]).all()
+    again, _, _ = make(wan, clip, prompts="a wave\na flag", per_prompt=1, width=32, height=48, length=9, cfg=2.0)
+    assert torch.equal(again["samples"], latents["samples"])  # read back from the cache
+    one, _, _ = make(wan, clip, prompts="a wave", per_prompt=1, width=32, height=48, length=1, cfg=2.0)
+    assert one["samples"].shape == (1, 16, 1, 6, 4)  # one frame is a clip too, keyed apart from nine
+    _, _, loss, _, _, _, _, _ = train_node(wan, positive, latents, negative=negative, cfg=0.0, steps=1,
+                                           save_name="wan_clips")
+    assert torch.isfinite(torch.tensor(loss["loss"])).all()
+    with pytest.raises(ValueError, match=r"length: 8 frames; this video model takes 4k \+ 1 frames \(1, 5, 9, ...\)"):
+        make(wan, clip, length=8)
+    with pytest.raises(ValueError, match="length: 5 frames, but this model makes images; set length to 1"):
+        make(flux, clip, length=5)
