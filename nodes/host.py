@@ -190,10 +190,15 @@ def repeated_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
 
 def token_count(model, latent_shape: Sequence[int]) -> int:
     """Image (and time) tokens the network makes of one latent [C, (T,) H, W]: each dimension padded to the
-    network's patch and divided by it (its own patchify: Flux and SD3 patch 2 x 2 over H, W (comfy/ldm/flux/model.py
-    pads to the patch; mmdit.py PatchEmbed); Wan and HunyuanVideo patch (1, 2, 2) over T, H, W (their
-    patch_embedding Conv3d); a network without a patch_size is counted as 2 x 2 over the last two dimensions."""
-    patch = getattr(model.model.diffusion_model, "patch_size", 2)
+    network's patch and divided by it, by each family's own patchify: Flux, Chroma and SD3 patch 2 x 2 over H, W
+    (comfy/ldm/flux/model.py and chroma/model.py pad to the patch; mmdit.py PatchEmbed); Qwen-Image and Lumina 2
+    2 x 2 over H, W (qwen_image/model.py process_img, lumina/model.py patchify_and_embed; Qwen's one frame is no
+    axis of its own); Wan and HunyuanVideo (1, 2, 2) over T, H, W (their patch_embedding / img_in Conv3d); LTXV
+    (1, 1, 1) (lightricks/symmetric_patchifier.py, its `patchifier`). A network with neither attribute is counted
+    as 2 x 2 over the last two dimensions."""
+    net = model.model.diffusion_model
+    patchifier = getattr(net, "patchifier", None)
+    patch = patchifier.patch_size if patchifier is not None else getattr(net, "patch_size", 2)
     patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
     dims = tuple(latent_shape)[1:][-len(patch):]
     dims = (1,) * (len(patch) - len(dims)) + dims  # an image into a video model is one frame, as the host makes it
@@ -417,8 +422,11 @@ class _TrainingSampler(comfy.samplers.Sampler):
         config = run.config
         velocity = ConditionedVelocity(base, model_wrap.conds, count, run.cfg, extra_args["model_options"],
                                        extra_args.get("seed"))
-        if config.guidance_range is not None and not velocity.takes_guidance:
-            config = config.replace(guidance_range=None)  # no distilled guidance input (schnell, SD3.5): nothing to draw
+        # Nothing to draw without a distilled guidance input (schnell, SD3.5), nor for Chroma, whose host model
+        # passes a guidance of 0 that its network has no embedder for.
+        if config.guidance_range is not None and not (velocity.takes_guidance and
+                                                      family_recipe(model_wrap.model_patcher).guidance_draw):
+            config = config.replace(guidance_range=None)
         network = base.diffusion_model
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
                              init_lora=run.init_lora, blocks=repeated_blocks(network),

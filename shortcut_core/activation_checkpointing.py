@@ -13,14 +13,50 @@ would hand backward the mutated ones (measured on ComfyUI's Flux: 4% gradient er
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors in an argument, also inside tuples, lists, dicts and dataclasses: blocks take activations packed
+    so (Chroma's blocks get their modulation as tuples of dataclasses of tensors from the approximator)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensor_leaves(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensor_leaves(getattr(value, f.name))]
+    return []
+
+
+def _refilled(value: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """The argument with its tensor leaves (in _tensor_leaves' order) taken from `tensors`; the containers are new,
+    the argument itself is left as it was."""
+    if isinstance(value, torch.Tensor):
+        return next(tensors)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*[_refilled(v, tensors) for v in value])
+    if isinstance(value, (list, tuple)):
+        return type(value)(_refilled(v, tensors) for v in value)
+    if isinstance(value, dict):
+        return {k: _refilled(v, tensors) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(out, f.name, _refilled(getattr(value, f.name), tensors))  # frozen ones too
+        return out
+    return value
+
+
 def _cloned(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else value
+    leaves = _tensor_leaves(value)
+    return _refilled(value, iter([t.clone() for t in leaves])) if leaves else value
 
 
 @contextlib.contextmanager
@@ -58,7 +94,7 @@ def _saving_input_copies(forward, args: tuple, kwargs: dict) -> Any:
         except (RuntimeError, NotImplementedError, TypeError, AttributeError):  # subclasses without a plain storage
             return None
 
-    storages = {storage(v) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)} - {None}
+    storages = {storage(t) for v in (*args, *kwargs.values()) for t in _tensor_leaves(v)} - {None}
     copies: dict[tuple, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -127,17 +163,15 @@ def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs:
     """Run forward through _RecomputeInBackward: tensors of args and kwargs become its inputs."""
     keys = list(kwargs)
     values = list(args) + [kwargs[k] for k in keys]
-    positions = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    leaves = _tensor_leaves(values)  # nested ones too: a tensor left out would be a constant without gradient
 
     def body(*tensors: torch.Tensor, protect_saved: bool = False) -> Any:
-        filled = list(values)
-        for i, t in zip(positions, tensors):
-            filled[i] = t
+        filled = _refilled(values, iter(tensors))
         return _call(forward, tuple(filled[:len(args)]), dict(zip(keys, filled[len(args):])),
                      clone_inputs=clone_inputs, protect_saved=protect_saved)
 
     params = tuple(p for p in module_params() if p.requires_grad)
-    return _RecomputeInBackward.apply(body, len(positions), params, *[values[i] for i in positions], *params)
+    return _RecomputeInBackward.apply(body, len(leaves), params, *leaves, *params)
 
 
 def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params):

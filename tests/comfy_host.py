@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _state: dict[str, object] = {}
@@ -214,16 +215,23 @@ def _random_patcher(model, seed: int, std: float):
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_sd3(seed: int = 0, std: float = 0.05):
-    """A real ComfyUI SD3 (MMDiT, ModelSamplingDiscreteFlow; width 64 * depth = 128): (BaseModel, ModelPatcher).
-    Conditioning: [[context[1, L, 48], {"pooled_output": pooled[1, 32]}]]."""
+def _tiny(supported_model, config: dict, seed: int, std: float):
+    """(BaseModel, ModelPatcher) as ComfyUI builds a checkpoint's model (its supported_models class over the
+    detected unet config, fp32 on the CPU), with random weights in place of a checkpoint's."""
     import torch
-    import comfy.supported_models
 
-    mc = comfy.supported_models.SD3(dict(TINY_SD3))
+    mc = supported_model(dict(config))
     mc.set_inference_dtype(torch.float32, None)
     model = mc.get_model({}, device="cpu")
     return model, _random_patcher(model, seed, std)
+
+
+def tiny_sd3(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI SD3 (MMDiT, ModelSamplingDiscreteFlow; width 64 * depth = 128): (BaseModel, ModelPatcher).
+    Conditioning: [[context[1, L, 48], {"pooled_output": pooled[1, 32]}]]."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.SD3, TINY_SD3, seed, std)
 
 
 TINY_WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=64,
@@ -233,13 +241,148 @@ TINY_WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), te
 def tiny_wan(seed: int = 0, std: float = 0.05):
     """A real ComfyUI Wan 2.1 text-to-video model (WAN21_T2V, WanModel, shift 8) at width 64: (BaseModel,
     ModelPatcher). Latents [B, 16, T, H, W]; conditioning [[context[1, L, 32], {}]]."""
-    import torch
     import comfy.supported_models
 
-    mc = comfy.supported_models.WAN21_T2V(dict(TINY_WAN))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, device="cpu")
-    return model, _random_patcher(model, seed, std)
+    return _tiny(comfy.supported_models.WAN21_T2V, TINY_WAN, seed, std)
+
+
+TINY_WAN22 = dict(TINY_WAN, in_dim=48, out_dim=48)
+
+
+def tiny_wan22(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI Wan 2.2 5B (WAN22_T2V, model_base.WAN22 with its image-to-video timesteps, latent format
+    Wan22: 48 channels, shift 8) at width 64, 2 blocks (~0.6 MB): (BaseModel, ModelPatcher).
+    Latents [B, 48, T, H, W]; conditioning [[context[1, L, 32], {}]]."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.WAN22_T2V, TINY_WAN22, seed, std)
+
+
+# axes_dim sums to the head width (64 / 2 heads), each axis even, as EmbedND needs; the text refiner has its
+# fixed 2 blocks; patch (1, 2, 2) over T, H, W as the released model
+TINY_HUNYUAN_VIDEO = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
+                          vec_in_dim=16, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1,
+                          depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, qkv_bias=True,
+                          guidance_embed=True, byt5=False, meanflow=False)
+
+
+def tiny_hunyuan_video(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI HunyuanVideo (supported_models.HunyuanVideo, Flux-style double + single blocks with a
+    guidance input, shift 7) at width 64, 1 + 1 blocks (~1.4 MB): (BaseModel, ModelPatcher).
+    Latents [B, 16, T, H, W] (H, W even); conditioning [[context[1, L, 32], {"pooled_output": pooled[1, 16],
+    "guidance": 6.0}]]."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.HunyuanVideo, TINY_HUNYUAN_VIDEO, seed, std)
+
+
+# inner width = heads x head width = 64 (its rope takes inner // 6 frequencies, padding the rest); the T5 of the
+# released model is caption_channels wide
+TINY_LTXV = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32,
+                 num_attention_heads=2, caption_channels=32, num_layers=2)
+
+
+def tiny_ltxv(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI LTX-Video (supported_models.LTXV, LTXVModel: patch 1 x 1 x 1 over 128-channel latents,
+    shift 2.37) at width 64, 2 blocks (~0.8 MB): (BaseModel, ModelPatcher).
+    Latents [B, 128, T, H, W]; conditioning [[context[1, L, 32], {"attention_mask": ones[1, L] (long)}]]
+    (its T5 encoder hands the mask on, and the network takes one)."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.LTXV, TINY_LTXV, seed, std)
+
+
+# head width 32 = sum(axes_dims_rope); in_channels = 16 latent channels x 2 x 2 patch
+TINY_QWEN_IMAGE = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+                       attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+                       axes_dims_rope=(8, 12, 12))
+
+
+def tiny_qwen_image(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI Qwen-Image (supported_models.QwenImage, an image model with latent format Wan21, shift 1.15)
+    at width 64, 1 block (~0.7 MB): (BaseModel, ModelPatcher).
+    Latents [B, 16, 1, H, W] (a one-frame video latent, as its VAE makes them); conditioning
+    [[context[1, L, 32], {}]]."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.QwenImage, TINY_QWEN_IMAGE, seed, std)
+
+
+# in/out channels are 16 x 2 x 2 (Chroma's img_in takes patches); the approximator's input is 16 timestep + 16
+# guidance + 32 modulation-index features = 64, its output the width
+TINY_CHROMA = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64,
+                   mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000,
+                   patch_size=2, qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=64, n_layers=1)
+
+
+def tiny_chroma(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI Chroma (supported_models.Chroma: Flux blocks modulated by an approximator instead of a
+    pooled vector; its model_base feeds guidance 0 unless the conditioning says otherwise) at width 64,
+    1 + 1 blocks (~0.7 MB): (BaseModel, ModelPatcher).
+    Latents [B, 16, H, W]; conditioning [[context[1, L, 32], {"pooled_output": None}]] (its T5 has no pooled
+    vector; the model's conditioning still asks for the key)."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.Chroma, TINY_CHROMA, seed, std)
+
+
+# head width 32 = sum(axes_dims); 1 key/value head (grouped-query attention, as the released 24 / 8);
+# multiple_of 16 keeps the feed-forward width near 4 x 64 x 2 / 3
+TINY_LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=1, n_refiner_layers=1,
+                    n_heads=2, n_kv_heads=1, multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                    axes_lens=[300, 512, 512])
+
+
+def tiny_lumina2(seed: int = 0, std: float = 0.05):
+    """A real ComfyUI Lumina 2 (supported_models.Lumina2, NextDiT, shift 6) at width 64, 1 block and 1 + 1
+    refiner blocks (~1 MB): (BaseModel, ModelPatcher).
+    Latents [B, 16, H, W]; conditioning [[context[1, L, 32], {"attention_mask": ones[1, L] (long)}]] (its
+    Gemma encoder hands the mask on; the host makes the network's num_tokens of it)."""
+    import comfy.supported_models
+
+    return _tiny(comfy.supported_models.Lumina2, TINY_LUMINA2, seed, std)
+
+
+def _conditioning(width: int, *, pooled: int | None = None, guidance: float | None = None, mask: bool = False):
+    """A maker of random CONDITIONING [[context[1, tokens, width], {extras}]] for one family: (tokens, seed) ->.
+    pooled=0: "pooled_output": None, as CLIPTextEncode hands on a T5 alone's (Chroma's model needs the key)."""
+    def positive(tokens: int = 6, seed: int = 0):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        options = {}
+        context = torch.randn(1, tokens, width, generator=g)
+        if pooled is not None:
+            options["pooled_output"] = torch.randn(1, pooled, generator=g) if pooled else None
+        if guidance is not None:
+            options["guidance"] = guidance
+        if mask:
+            options["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        return [[context, options]]
+
+    return positive
+
+
+class Family(NamedTuple):
+    """A flow-model family for host tests: its tiny builder ((seed, std) -> (BaseModel, ModelPatcher)), the
+    latent shape of one item [C, (T,) H, W], and a maker of a positive CONDITIONING of its widths
+    ((tokens, seed) -> [[context, {extras}]])."""
+    build: Callable
+    latent: tuple[int, ...]
+    positive: Callable
+
+
+FAMILIES: dict[str, Family] = {
+    "flux": Family(tiny_flux, (16, 8, 8), _conditioning(32, pooled=16, guidance=3.5)),
+    "sd3": Family(tiny_sd3, (16, 8, 8), _conditioning(48, pooled=32)),
+    "wan2.1": Family(tiny_wan, (16, 3, 8, 8), _conditioning(32)),
+    "wan2.2": Family(tiny_wan22, (48, 3, 8, 8), _conditioning(32)),
+    "hunyuan_video": Family(tiny_hunyuan_video, (16, 3, 8, 8), _conditioning(32, pooled=16, guidance=6.0)),
+    "ltxv": Family(tiny_ltxv, (128, 3, 4, 4), _conditioning(32, mask=True)),
+    "qwen_image": Family(tiny_qwen_image, (16, 1, 8, 8), _conditioning(32)),
+    "chroma": Family(tiny_chroma, (16, 8, 8), _conditioning(32, pooled=0)),
+    "lumina2": Family(tiny_lumina2, (16, 8, 8), _conditioning(32, mask=True)),
+}
 
 
 def flux_positive(patcher, tokens: int = 16, seed: int = 0, guidance: float | None = 3.5):

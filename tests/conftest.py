@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    if report.skipped and "host" in report.keywords:
+    if report.skipped and "host" in report.keywords and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _host_skips.append((report.nodeid, reason.removeprefix("Skipped: ")))
 

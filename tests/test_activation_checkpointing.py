@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -183,3 +185,43 @@ def test_parameters_inside_blocks_learn_when_no_block_input_requires_grad(data):
     with checkpoint_blocks(blocks, recompute=True):
         run(blocks, x, scale).pow(2).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks.parameters())
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_tensors_packed_in_tuples_and_dataclasses_get_their_gradients(recompute):
+    """Chroma's blocks take their modulation as tuples of dataclasses of tensors made upstream (its approximator):
+    those tensors are the block's inputs too, or the upstream layer loses the blocks' share of its gradient."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Modulation:
+        shift: torch.Tensor
+        scale: torch.Tensor
+
+    class ModulatedBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x, vec):
+            (mod,), extra = vec
+            x = x + self.fc(x * (1 + mod.scale) + mod.shift) * extra["gate"]
+            return x
+
+    torch.manual_seed(0)
+    upstream, blocks = nn.Linear(8, 24), nn.ModuleList([ModulatedBlock() for _ in range(2)])
+    x_in = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+
+    def gradients(wrap: bool):
+        for p in [*upstream.parameters(), *blocks.parameters()]:
+            p.grad = None
+        with checkpoint_blocks(blocks, recompute=recompute) if wrap else contextlib.nullcontext():
+            shift, scale, gate = upstream(x_in).chunk(3, dim=-1)
+            h = x_in
+            for block in blocks:
+                h = block(h, vec=((Modulation(shift, scale),), {"gate": gate}))
+            h.pow(2).sum().backward()
+        return [p.grad.clone() for p in [*upstream.parameters(), *blocks.parameters()]]
+
+    for got, want in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(got, want)
