@@ -84,9 +84,10 @@ def _denoises_as_velocity(sampling) -> bool:
 FLUX_MU = 1.15
 
 # True CFG each family is sampled with (the "auto" cfg when a negative is connected): ComfyUI's example workflows
-# for each family, SD3.5 the SCFM authors' recipe (3.5, empty negative). Families not named here (Flux dev and
-# HunyuanVideo take distilled guidance instead) run at 1.0.
-FAMILY_CFG = {"SD3": 3.5, "AuraFlow": 3.5, "HiDream": 5.0, "WAN21": 6.0, "WAN22": 5.0, "QwenImage": 2.5,
+# for each family, SD3.5 the SCFM authors' recipe (3.5, empty negative), Wan the Wan authors' text-to-video default
+# (generate.py's sample_guide_scale 5; ComfyUI's example uses 6). Families not named here (Flux dev and HunyuanVideo
+# take distilled guidance instead) run at 1.0.
+FAMILY_CFG = {"SD3": 3.5, "AuraFlow": 3.5, "HiDream": 5.0, "WAN21": 5.0, "WAN22": 5.0, "QwenImage": 2.5,
               "Chroma": 4.0, "Lumina2": 4.0, "LTXV": 3.0}
 
 # Models that cannot be shortcut by one LoRA: Wan 2.2 A14B is two experts (high noise, then low noise) that the

@@ -143,7 +143,7 @@ class TrainShortcut:
                                "beside it, else starting the student and both EMAs from it."}),
                 "cfg": _float(0.0, "True CFG inside the student's prediction and every target sub-step, for models "
                               "without distilled guidance; sample the LoRA with the same cfg. 0: the model family's "
-                              "when a negative is connected (SD3.5 3.5, Wan 2.1 6, Wan 2.2 5B 5, Qwen-Image 2.5, "
+                              "when a negative is connected (SD3.5 3.5, Wan 5, Qwen-Image 2.5, "
                               "Chroma and Lumina 2 4; Flux dev 1: it has distilled guidance), else 1.", 0.0, 30.0, 0.1),
                 "preview_every": _int(100, "Show the teacher and the student at the LoRA's few steps beside the "
                                       "teacher at many, in this node, every this many steps (0: off). The final "

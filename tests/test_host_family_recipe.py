@@ -32,7 +32,7 @@ def test_flux_keeps_the_papers_recipe_and_other_families_get_it_scaled_to_their_
 
     wan = _built(comfy_host.tiny_wan)
     recipe = host.family_recipe(wan)
-    assert recipe.family == "WAN21" and not recipe.guidance_draw and recipe.cfg == 6.0
+    assert recipe.family == "WAN21" and not recipe.guidance_draw and recipe.cfg == 5.0
     assert recipe.schedule == {"shift_min": 6.1538, "shift_max": 11.0769, "resolution_shift_prob": 0.0,
                                "sample_shift": 8.0}  # the paper's U[2.5, 4.5] around 3.25, scaled to 8
     # a ModelSampling node before ours counts: the recipe follows the shift the model now samples at
@@ -66,7 +66,7 @@ def test_train_shortcut_uses_the_family_recipe_for_knobs_left_at_the_papers_valu
     config, shift = trained_with("auto", cfg=0.0, negative=negative)
     assert (config["shift_min"], config["shift_max"], config["resolution_shift_prob"], shift) == (6.1538, 11.0769,
                                                                                                  0.0, 8.0)
-    assert config["extra"] == {"family": "WAN21", "cfg": 6.0}  # cfg 0 with a negative: Wan's true CFG
+    assert config["extra"] == {"family": "WAN21", "cfg": 5.0}  # cfg 0 with a negative: Wan's true CFG
     config, _ = trained_with("no_negative", cfg=0.0)
     assert config["extra"]["cfg"] == 1.0  # nothing to guide against: the positive alone
     config, shift = trained_with("explicit", cfg=2.0, negative=negative, shift_min=7.0, sample_shift=9.0)

@@ -46,7 +46,7 @@ def _output_nodes(prompt: dict, mappings: dict) -> set[str]:
 
 
 def test_there_are_example_workflows():
-    assert len(WORKFLOWS) >= 3, [p.name for p in WORKFLOWS]
+    assert len(WORKFLOWS) >= 5, [p.name for p in WORKFLOWS]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
@@ -186,18 +186,130 @@ def test_workflows_follow_their_recipes(mappings):
     assert (train["preview_every"], train["calibrate"]) == (100, True) and "options" not in train
     assert sorted(p["images"] for _, p in _recipe(c, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
     # the comparison: held-out prompts, same seed, teacher at 28 steps vs the trained model at its recipe
+    _check_the_comparison(c, train_id, training_prompts, teacher_steps=28)
+
+
+def _check_the_comparison(prompt, train_id, training_prompts, teacher_steps):
+    """A data-free workflow's comparison: held-out prompts, same seed, the teacher at its data's steps vs the
+    trained model at its recipe, both at the training data's cfg, negative and size, stitched side by side
+    (teacher left) and saved."""
+    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    train = prompt[train_id]["inputs"]
+    makers = dict(_recipe(prompt, "ShortcutTeacherLatents"))
+    data = makers[train["latents"][0]]
     [(teacher_id, teacher)] = [(k, m) for k, m in makers.items() if m["model"] != [train_id, 0] and k != train["latents"][0]]
     [(student_id, student)] = [(k, m) for k, m in makers.items() if m["model"] == [train_id, 0]]
+    assert teacher["model"] == train["model"]  # the teacher that was distilled
     assert teacher["prompts"] == student["prompts"] and teacher["seed"] == student["seed"]
-    compare_prompts = host_teacher.parse_prompts(c[teacher["prompts"][0]]["inputs"]["value"])
+    compare_prompts = host_teacher.parse_prompts(prompt[teacher["prompts"][0]]["inputs"]["value"])
     assert compare_prompts and not set(compare_prompts) & set(training_prompts)
-    assert (teacher["steps"], teacher["schedule"]) == (28, host_teacher.TEACHER_SCHEDULE)
+    assert (teacher["steps"], teacher["schedule"]) == (teacher_steps, host_teacher.TEACHER_SCHEDULE)
     assert (student["steps"], student["shift"], student["schedule"]) == \
         ([train_id, 6], [train_id, 7], host_teacher.SHORTCUT_SCHEDULE)
-    [(stitch_id, stitch)] = _recipe(c, "ImageStitch")
-    assert c[stitch["image1"][0]]["inputs"]["samples"] == [teacher_id, 0]
-    assert c[stitch["image2"][0]]["inputs"]["samples"] == [student_id, 0]
-    assert [s["images"] for _, s in _recipe(c, "SaveImage")] == [[stitch_id, 0]]
+    for maker in (teacher, student):
+        assert [maker[k] for k in ("cfg", "negative_prompt", "width", "height", "length")] == \
+            [data[k] for k in ("cfg", "negative_prompt", "width", "height", "length")]
+    [(stitch_id, stitch)] = _recipe(prompt, "ImageStitch")
+    assert prompt[stitch["image1"][0]]["inputs"]["samples"] == [teacher_id, 0]
+    assert prompt[stitch["image2"][0]]["inputs"]["samples"] == [student_id, 0]
+    assert [s["images"] for _, s in _recipe(prompt, "SaveImage")] == [[stitch_id, 0]]
+
+
+def _model_chain(prompt, link):
+    """(class type, inputs) of the nodes up a MODEL link, nearest first: model patches, then the loader."""
+    chain = []
+    while isinstance(link, list):
+        node = prompt[link[0]]
+        chain.append((node["class_type"], node["inputs"]))
+        link = node["inputs"].get("model")
+    return chain
+
+
+def _check_the_teacher_data(prompt, train_id, steps, min_prompts):
+    """Train Shortcut's latents, their conditionings and negatives all come from one Shortcut Teacher Latents node,
+    which samples the model being trained on the teacher schedule at the training cfg."""
+    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    train = prompt[train_id]["inputs"]
+    data_id = train["latents"][0]
+    data = prompt[data_id]["inputs"]
+    assert prompt[data_id]["class_type"] == "ShortcutTeacherLatents"
+    assert (train["latents"], train["positive"], train["negative"]) == ([data_id, 0], [data_id, 1], [data_id, 2])
+    assert data["model"] == train["model"]
+    training_prompts = host_teacher.parse_prompts(data["prompts"])
+    assert len(training_prompts) >= min_prompts and len(set(training_prompts)) == len(training_prompts)
+    assert (data["steps"], data["schedule"], data["cache"], data["cfg"]) == \
+        (steps, host_teacher.TEACHER_SCHEDULE, True, train["cfg"])
+    return data, training_prompts
+
+
+def _check_the_family_recipe(prompt, train_id, model_shift, sample_steps):
+    """A model family other than Flux: Train Shortcut at true CFG with a negative, and Shortcut Training Options
+    with the LoRA's steps, sampling at the model's own shift and training shifts drawn around it (the paper's Flux
+    draw scaled to that shift, no resolution shift), not Flux's numbers."""
+    from shortcut_core.config import schedule_around
+
+    train = prompt[train_id]["inputs"]
+    options = prompt[train["options"][0]]["inputs"]
+    assert train["cfg"] > 1.0 and isinstance(train.get("negative"), list)
+    assert (options["sample_steps"], options["sample_shift"]) == (sample_steps, model_shift)
+    for knob, value in schedule_around(model_shift).items():
+        assert options[knob] == pytest.approx(value, abs=1e-3), knob
+    assert (train["preview_every"], train["calibrate"]) == (100, True)
+    assert sorted(p["images"] for _, p in _recipe(prompt, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
+
+
+def test_the_wan_workflow_follows_its_recipe(mappings):
+    """Wan 2.1 T2V 1.3B as ComfyUI's own example loads and samples it (shift 8, true CFG against Wan's negative,
+    33 frames at 832x480), distilled on its own clips into a 4-step LoRA that samples a new prompt into a video."""
+    p = to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / "wan_t2v_few_step_shortcut.json"), mappings)
+    [(train_id, train)] = _recipe(p, "TrainShortcut")
+    chain = _model_chain(p, train["model"])
+    assert [c for c, _ in chain] == ["ModelSamplingSD3", "UNETLoader"] and chain[0][1]["shift"] == 8.0
+    assert chain[1][1]["unet_name"] == "wan2.1_t2v_1.3B_fp16.safetensors"
+    [(_, clip)] = _recipe(p, "CLIPLoader")
+    assert (clip["clip_name"], clip["type"]) == ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan")
+    assert [v["vae_name"] for _, v in _recipe(p, "VAELoader")] == ["wan_2.1_vae.safetensors"]
+
+    data, training_prompts = _check_the_teacher_data(p, train_id, steps=30, min_prompts=8)
+    assert train["cfg"] == 5.0 and data["negative_prompt"].strip()
+    assert (data["width"], data["height"], data["length"]) == (832, 480, 33)  # Wan counts 4k + 1 frames
+    _check_the_family_recipe(p, train_id, model_shift=8.0, sample_steps=4)
+
+    # a new prompt at the trained recipe, with the training cfg and negative, at the size it was trained at
+    [(sampler_id, sampler)] = _recipe(p, "ShortcutSampler")
+    assert sampler["model"] == [train_id, 0] and (sampler["steps"], sampler["shift"]) == ([train_id, 6], [train_id, 7])
+    assert (sampler["cfg"], sampler["resolution_shift"], sampler["denoise"]) == (train["cfg"], False, 1.0)
+    positive, negative = (p[sampler[k][0]] for k in ("positive", "negative"))
+    assert positive["class_type"] == negative["class_type"] == "CLIPTextEncode"
+    assert negative["inputs"]["text"] == data["negative_prompt"]
+    assert positive["inputs"]["text"] not in training_prompts
+    latent = p[sampler["latent_image"][0]]
+    assert latent["class_type"] == "EmptyHunyuanLatentVideo"
+    size = ("width", "height", "length")
+    assert [latent["inputs"][k] for k in size] == [data[k] for k in size]
+    [(decode_id, decode)] = _recipe(p, "VAEDecode")
+    [(video_id, video)] = _recipe(p, "CreateVideo")
+    assert decode["samples"] == [sampler_id, 0] and video["images"] == [decode_id, 0] and video["fps"] == 16.0
+    assert [s["video"] for _, s in _recipe(p, "SaveVideo")] == [[video_id, 0]]
+
+
+def test_the_qwen_image_workflow_follows_its_recipe(mappings):
+    """Qwen-Image as ComfyUI's own example loads and samples it (ModelSamplingAuraFlow 3.1, true CFG 2.5 against an
+    empty negative), distilled data-free on 40 prompts into a 4-step LoRA and compared with the teacher."""
+    p = to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / "qwen_image_few_step_shortcut.json"), mappings)
+    [(train_id, train)] = _recipe(p, "TrainShortcut")
+    chain = _model_chain(p, train["model"])
+    assert [c for c, _ in chain] == ["ModelSamplingAuraFlow", "UNETLoader"] and chain[0][1]["shift"] == 3.1
+    assert chain[1][1]["unet_name"] == "qwen_image_fp8_e4m3fn.safetensors"
+    [(_, clip)] = _recipe(p, "CLIPLoader")
+    assert (clip["clip_name"], clip["type"]) == ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image")
+    assert [v["vae_name"] for _, v in _recipe(p, "VAELoader")] == ["qwen_image_vae.safetensors"]
+
+    data, training_prompts = _check_the_teacher_data(p, train_id, steps=30, min_prompts=32)
+    assert train["cfg"] == 2.5 and data["negative_prompt"] == ""  # ComfyUI's example: an empty negative
+    assert (data["width"], data["height"], data["length"]) == (1024, 1024, 1)
+    _check_the_family_recipe(p, train_id, model_shift=3.1, sample_steps=4)
+    _check_the_comparison(p, train_id, training_prompts, teacher_steps=30)
 
 
 OUR_STEPS_WIDGETS = ("ShortcutSampler", "TrainShortcut", "ShortcutTeacherLatents")  # each has `steps`, min 1
@@ -264,7 +376,7 @@ DOWNLOAD_UNCONFIRMED = {"flux-scfm-3step.safetensors"}
 def test_every_model_file_a_workflow_names_has_a_download_entry(path):
     """As official templates do: the frontend's Missing Models dialog offers these entries for download."""
     folder_of = {name: folder for folder, names in MODEL_FILES.items() for name in names}
-    checked = 0
+    checked, directories = 0, set()
     for node in load(path)["nodes"]:
         entries = {m["name"]: m for m in node.get("properties", {}).get("models", [])}
         for name in [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in folder_of]:
@@ -274,4 +386,122 @@ def test_every_model_file_a_workflow_names_has_a_download_entry(path):
             assert entries[name]["directory"] == folder_of[name]
             assert entries[name]["url"].startswith("https://huggingface.co/") and entries[name]["url"].endswith(name)
             checked += 1
-    assert checked >= 4  # the Flux dev set: diffusion model, two text encoders, VAE
+            directories.add(folder_of[name])
+    # a whole model set: its diffusion model, text encoder(s) and VAE (Flux dev: two text encoders)
+    assert {"diffusion_models", "text_encoders", "vae"} <= directories
+    assert checked >= (4 if path.name.startswith("flux_") else 3)
+
+
+# ------------------------------------------------------------------------------------------ run through the executor
+class LatentColoursVAE:
+    """Stands in for a VAE (a real one is gigabytes): each latent cell's first three channels as a colour, 8 x 8
+    pixels per cell, and for a video latent 4 frames per latent frame after the first, as Wan's VAE counts them."""
+
+    def decode(self, latent):
+        import torch
+
+        rgb = torch.sigmoid(latent[:, :3].float())
+        if rgb.dim() == 5:  # [B, 3, T, h, w] -> [B, (T - 1) * 4 + 1, 8h, 8w, 3]
+            rgb = torch.cat([rgb[:, :, :1], rgb[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)
+            return rgb.repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1).permute(0, 2, 3, 4, 1)
+        return rgb.repeat_interleave(8, dim=-2).repeat_interleave(8, dim=-1).permute(0, 2, 3, 1)
+
+
+class TinyLoaderForTests:
+    """Every loader of a workflow run by the executor: the tiny model of the workflow's family, a tiny text encoder
+    whose width fits it, and the colour VAE."""
+    family = "flux"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "tests"
+
+    def load(self):
+        import torch
+
+        with torch.inference_mode():  # as the host's loaders build models
+            if self.family == "wan":
+                _, patcher = comfy_host.tiny_wan(seed=1)
+            elif self.family == "qwen_image":
+                _, patcher = comfy_host.tiny_qwen_image(seed=1)
+            else:
+                _, patcher = comfy_host.tiny_flux(seed=1, vec_in_dim=32)
+        return (patcher, comfy_host.tiny_clip(seed=2), LatentColoursVAE())
+
+
+LOADERS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2}
+
+
+def _shrunk(prompt: dict) -> dict:
+    """The workflow's prompt at a size a CPU runs in seconds: its loaders one tiny-model node, 64 px, 5 frames
+    for video, 2 sampling steps, the first two prompts of each list, 2 training steps; its wiring as it is."""
+    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    out = {"loader": {"class_type": "TinyLoaderForTests", "inputs": {}}}
+    for node_id, node in prompt.items():
+        if node["class_type"] in LOADERS:
+            continue
+        inputs = {}
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and prompt[value[0]]["class_type"] in LOADERS:
+                value = ["loader", LOADERS[prompt[value[0]]["class_type"]]]
+            inputs[name] = value
+        small = {
+            "ShortcutTeacherLatents": dict(width=64, height=64, steps=2, batch_size=2,
+                                           length=5 if inputs.get("length", 1) > 1 else 1),
+            "EmptyHunyuanLatentVideo": dict(width=64, height=64, length=5),
+            "EmptySD3LatentImage": dict(width=64, height=64),
+            "TrainShortcut": dict(steps=2, batch_size=2, rank=4, checkpoint_every=0, preview_every=1),
+            "ShortcutTrainingOptions": dict(alpha=4.0, teacher_min_steps=4, teacher_max_steps=4),
+        }.get(node["class_type"], {})
+        for name, value in small.items():
+            if not isinstance(inputs.get(name), list):  # a linked input keeps its link
+                inputs[name] = value
+        for name in ("prompts", "value"):
+            if isinstance(inputs.get(name), str) and node["class_type"] in ("ShortcutTeacherLatents",
+                                                                            "PrimitiveStringMultiline"):
+                inputs[name] = "\n".join(host_teacher.parse_prompts(inputs[name])[:2])
+        out[node_id] = {"class_type": node["class_type"], "inputs": inputs}
+    return out
+
+
+TEACHER_WORKFLOWS = {"flux_data_free_distill.json": "flux", "wan_t2v_few_step_shortcut.json": "wan",
+                     "qwen_image_few_step_shortcut.json": "qwen_image"}
+
+
+@pytest.mark.parametrize("name", sorted(TEACHER_WORKFLOWS))
+def test_a_teacher_data_workflow_runs_through_the_hosts_executor(name, mappings, tmp_path, monkeypatch):
+    """The workflow's own wiring and settings run by ComfyUI's executor, only smaller and on a tiny model of its
+    family: the teacher's latents (video clips for Wan, one-frame latents for Qwen-Image) train the LoRA, the
+    trained model samples, and the files the note promises are written."""
+    import execution
+    import nodes
+    from test_host_executor import RecordingServer
+
+    monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, "TinyLoaderForTests", TinyLoaderForTests)
+    monkeypatch.setattr(TinyLoaderForTests, "family", TEACHER_WORKFLOWS[name])
+    prompt = _shrunk(to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / name), mappings))
+    [train] = [n["inputs"] for n in prompt.values() if n["class_type"] == "TrainShortcut"]
+    with comfy_host.host_folders(loras=tmp_path / "loras", output_dir=tmp_path / "output",
+                                 temp_dir=tmp_path / "temp"):
+        (tmp_path / "loras").mkdir()
+        valid, error, outputs, node_errors = _validate(prompt)
+        assert (valid, error, node_errors) == (True, None, {})
+        executor = execution.PromptExecutor(RecordingServer(), cache_type=execution.CacheType.CLASSIC)
+        executor.execute(prompt, "shortcut-flow-workflow-run", {}, outputs)
+        assert executor.success, executor.status_messages[-1]
+    assert (tmp_path / "loras" / f"{train['save_name']}.safetensors").is_file()
+    saved = sorted(p.relative_to(tmp_path / "output").as_posix() for p in (tmp_path / "output").rglob("*.*")
+                   if "shortcut_teacher_cache" not in p.parts)
+    if TEACHER_WORKFLOWS[name] == "wan":
+        import av
+
+        assert saved == ["video/wan_shortcut_4step_00001_.mp4"], saved
+        with av.open(str(tmp_path / "output" / saved[0])) as video:  # every frame of the clip, at Wan's rate
+            stream = video.streams.video[0]
+            assert (stream.frames, stream.width, stream.height, float(stream.average_rate)) == (5, 64, 64, 16.0)
+    else:
+        assert len(saved) == 2 and all(p.startswith("scfm_compare/") and p.endswith(".png") for p in saved), saved

@@ -17,9 +17,11 @@ TITLE_H = 30  # LiteGraph draws a node's title bar above its pos
 
 # What the workflows reference, created as empty placeholders for validation.
 MODEL_FILES = {
-    "diffusion_models": ["flux1-dev.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "wan2.1_t2v_1.3B_fp16.safetensors",
+                         "qwen_image_fp8_e4m3fn.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors"],
+    "vae": ["ae.safetensors", "wan_2.1_vae.safetensors", "qwen_image_vae.safetensors"],
     "loras": ["flux-scfm-3step.safetensors"],
 }
 INPUT_SUBFOLDERS = ["shortcut_fewshot"]
