@@ -176,7 +176,8 @@ TRAINING_PROMPT = {  # a small data-free graph: tiny Flux -> teacher latents fro
     "3": {"class_type": "ShortcutTeacherLatents", "inputs": {
         "model": ["1", 0], "clip": ["1", 2], "prompts": "a red cube\na blue sphere\n# a comment\na green cone",
         "per_prompt": 2, "width": 64, "height": 64, "steps": 4, "guidance": 3.5, "cfg": 1.0, "negative_prompt": "",
-        "seed": 0, "batch_size": 2, "cache": True, "schedule": "teacher: euler, simple", "shift": 3.25}},
+        "seed": 0, "batch_size": 2, "cache": True, "schedule": "teacher: euler, simple", "shift": 3.25,
+        "length": 1}},
     "4": {"class_type": "TrainShortcut", "inputs": {
         "model": ["1", 0], "latents": ["3", 0], "positive": ["3", 1], "steps": 12, "batch_size": 2,
         "learning_rate": 0.001, "rank": 4, "seed": 0, "save_name": "frontend_run", "checkpoint_every": 0,
@@ -198,8 +199,14 @@ def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_r
         node_state = """() => window.app.graph._nodes.map(n => [n.type, (n.imgs || []).length,
             ((n.widgets || []).find(w => w.name === '$$node-text-preview') || {}).value || ''])"""
         # polled once a second: polling on every animation frame would take the CPU the server trains on
-        page.wait_for_function(f"() => ({node_state})().filter(([t, imgs]) => t === 'PreviewImage' && imgs).length === 2",
+        # done when both previews show, or at once when the server refused the prompt (a missing input, ...) or
+        # a node failed
+        refused = "(Object.keys(window.app.lastNodeErrors || {}).length > 0 || !!window.app.lastExecutionError)"
+        page.wait_for_function(f"() => {refused} || "
+                               f"({node_state})().filter(([t, imgs]) => t === 'PreviewImage' && imgs).length === 2",
                                timeout=240_000, polling=1000)
+        assert not page.evaluate(f"() => {refused}"), page.evaluate(
+            "() => JSON.stringify([window.app.lastNodeErrors, window.app.lastExecutionError])")
         shot = tmp_path_factory.mktemp("screenshots") / "training_run.png"
         page.screenshot(path=str(shot))
         comfy_server.SCREENSHOTS.append(str(shot))
