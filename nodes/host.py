@@ -555,12 +555,11 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     plan = plan_training(shape, training, free)
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
     text = plan.text(free, stored)
-    if run.summary:
-        text = f"{run.summary}\n{text}"
-    log.info("TrainShortcut %s", text)
+    shown = f"{run.summary}\n{text}" if run.summary else text
+    log.info("TrainShortcut %s", shown)
     if free is None or plan.fits(free):
         if run.progress is not None:
-            run.progress.say(text)
+            run.progress.say(shown)
         return plan
     fp8 = (model_shape(model, config.target_modules, stored_itemsize=1, lora_layers=config.lora_layers)
            if shape.stored_bytes > 1 else None)

@@ -193,6 +193,10 @@ class TrainShortcut:
         host.require_single_model(model, [*files, *host.upstream_files(prompt, unique_id)])
         # The schedule knobs left at the paper's (Flux) values follow the connected model's family.
         recipe = host.family_recipe(model)
+        if o["export_diffusers"] and recipe.family != "Flux":
+            raise host.HostInputError(f"export_diffusers: the authors' diffusers format is for Flux; this is a "
+                                      f"{recipe.family} model. Turn it off: the LoRA is saved in ComfyUI's format "
+                                      f"either way, which ComfyUI's loaders read")
         for knob in SCHEDULE_KNOBS:
             if o[knob] == _option_defaults()[knob]:
                 o[knob] = recipe.schedule[knob]

@@ -71,6 +71,11 @@ def test_train_shortcut_uses_the_family_recipe_for_knobs_left_at_the_papers_valu
     assert config["extra"]["cfg"] == 1.0  # nothing to guide against: the positive alone
     config, shift = trained_with("explicit", cfg=2.0, negative=negative, shift_min=7.0, sample_shift=9.0)
     assert (config["shift_min"], config["shift_max"], shift, config["extra"]["cfg"]) == (7.0, 11.0769, 9.0, 2.0)
+    # refused before training, not after it: the diffusers export is Flux's alone
+    with pytest.raises(ValueError, match="export_diffusers: the authors' diffusers format is for Flux; this is a "
+                                         "WAN21 model"):
+        trained_with("diffusers", export_diffusers=True)
+    assert not list(lora_dir.glob("diffusers*"))
 
 
 def test_one_expert_of_wan_2_2_a14b_is_refused_by_the_files_the_graph_loads(host):
