@@ -258,17 +258,28 @@ def _check_the_family_recipe(prompt, train_id, model_shift, sample_steps):
     assert sorted(p["images"] for _, p in _recipe(prompt, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
 
 
+def _loaded_as_comfyuis_example(mappings, name: str, sampling: str, shift: float, unet: str, clip: tuple[str, str],
+                                vae: str):
+    """A workflow's prompt whose Train Shortcut takes the model file through one ModelSampling node at `shift`, with
+    the text encoder (file, type) and VAE named: (prompt, Train Shortcut's id, its inputs)."""
+    p = to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / name), mappings)
+    [(train_id, train)] = _recipe(p, "TrainShortcut")
+    chain = _model_chain(p, train["model"])
+    assert [c for c, _ in chain] == [sampling, "UNETLoader"] and chain[0][1]["shift"] == shift
+    assert chain[1][1]["unet_name"] == unet
+    [(_, loader)] = _recipe(p, "CLIPLoader")
+    assert (loader["clip_name"], loader["type"]) == clip
+    assert [v["vae_name"] for _, v in _recipe(p, "VAELoader")] == [vae]
+    return p, train_id, train
+
+
 def test_the_wan_workflow_follows_its_recipe(mappings):
     """Wan 2.1 T2V 1.3B as ComfyUI's own example loads and samples it (shift 8, true CFG against Wan's negative,
     33 frames at 832x480), distilled on its own clips into a 4-step LoRA that samples a new prompt into a video."""
-    p = to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / "wan_t2v_few_step_shortcut.json"), mappings)
-    [(train_id, train)] = _recipe(p, "TrainShortcut")
-    chain = _model_chain(p, train["model"])
-    assert [c for c, _ in chain] == ["ModelSamplingSD3", "UNETLoader"] and chain[0][1]["shift"] == 8.0
-    assert chain[1][1]["unet_name"] == "wan2.1_t2v_1.3B_fp16.safetensors"
-    [(_, clip)] = _recipe(p, "CLIPLoader")
-    assert (clip["clip_name"], clip["type"]) == ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan")
-    assert [v["vae_name"] for _, v in _recipe(p, "VAELoader")] == ["wan_2.1_vae.safetensors"]
+    p, train_id, train = _loaded_as_comfyuis_example(mappings, "wan_t2v_few_step_shortcut.json", "ModelSamplingSD3", 8.0,
+                                                     "wan2.1_t2v_1.3B_fp16.safetensors",
+                                                     ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"),
+                                                     "wan_2.1_vae.safetensors")
 
     data, training_prompts = _check_the_teacher_data(p, train_id, steps=30, min_prompts=8)
     assert train["cfg"] == 5.0 and data["negative_prompt"].strip()
@@ -296,14 +307,10 @@ def test_the_wan_workflow_follows_its_recipe(mappings):
 def test_the_qwen_image_workflow_follows_its_recipe(mappings):
     """Qwen-Image as ComfyUI's own example loads and samples it (ModelSamplingAuraFlow 3.1, true CFG 2.5 against an
     empty negative), distilled data-free on 40 prompts into a 4-step LoRA and compared with the teacher."""
-    p = to_prompt(load(comfy_host.PROJECT_ROOT / "workflows" / "qwen_image_few_step_shortcut.json"), mappings)
-    [(train_id, train)] = _recipe(p, "TrainShortcut")
-    chain = _model_chain(p, train["model"])
-    assert [c for c, _ in chain] == ["ModelSamplingAuraFlow", "UNETLoader"] and chain[0][1]["shift"] == 3.1
-    assert chain[1][1]["unet_name"] == "qwen_image_fp8_e4m3fn.safetensors"
-    [(_, clip)] = _recipe(p, "CLIPLoader")
-    assert (clip["clip_name"], clip["type"]) == ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image")
-    assert [v["vae_name"] for _, v in _recipe(p, "VAELoader")] == ["qwen_image_vae.safetensors"]
+    p, train_id, train = _loaded_as_comfyuis_example(mappings, "qwen_image_few_step_shortcut.json",
+                                                     "ModelSamplingAuraFlow", 3.1, "qwen_image_fp8_e4m3fn.safetensors",
+                                                     ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
+                                                     "qwen_image_vae.safetensors")
 
     data, training_prompts = _check_the_teacher_data(p, train_id, steps=30, min_prompts=32)
     assert train["cfg"] == 2.5 and data["negative_prompt"] == ""  # ComfyUI's example: an empty negative
