@@ -123,7 +123,6 @@ def family_recipe(model) -> FamilyRecipe:
     node before this one counts) and its network's guidance input. Flux sampled at its own shift gets the paper's
     recipe unchanged; any other shift gets the paper's draw scaled to it (config.schedule_around)."""
     sampling = model.get_model_object("model_sampling")
-    net = model.model.diffusion_model
     family = type(model.model).__name__
     flux_like = isinstance(sampling, comfy.model_sampling.ModelSamplingFlux)
     raw = float(getattr(sampling, "shift", 1.0))
@@ -133,11 +132,16 @@ def family_recipe(model) -> FamilyRecipe:
         schedule = {k: getattr(paper, k) for k in SCHEDULE_KNOBS}
     else:
         schedule = schedule_around(shift)
-    guidance_in = getattr(net, "guidance_in", None)
     cfg = next((FAMILY_CFG[c.__name__] for c in type(model.model).__mro__ if c.__name__ in FAMILY_CFG), 1.0)
     return FamilyRecipe(family=family, model_shift=shift, schedule=schedule,
-                        guidance_draw=guidance_in is not None and not isinstance(guidance_in, torch.nn.Identity),
-                        cfg=cfg)
+                        guidance_draw=distilled_guidance(model.model.diffusion_model), cfg=cfg)
+
+
+def distilled_guidance(network: torch.nn.Module) -> bool:
+    """Whether the network embeds a guidance input (Flux dev, HunyuanVideo): the trainer draws it per item. A model
+    may still pass one that nothing embeds (Chroma's model passes 0; schnell's guidance_in is an Identity)."""
+    guidance_in = getattr(network, "guidance_in", None)
+    return guidance_in is not None and not isinstance(guidance_in, torch.nn.Identity)
 
 
 def resolved_cfg(recipe: FamilyRecipe, cfg: float, negative) -> float:
@@ -147,7 +151,8 @@ def resolved_cfg(recipe: FamilyRecipe, cfg: float, negative) -> float:
     return recipe.cfg if negative is not None else 1.0
 
 
-MODEL_FILE_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+# the host's model-file extensions, and GGUF (the loaders of the ComfyUI-GGUF pack)
+MODEL_FILE_EXTENSIONS = (*sorted(folder_paths.supported_pt_extensions), ".gguf")
 
 
 def upstream_files(prompt: dict | None, node_id: str | None, input_name: str = "model") -> list[str]:
@@ -307,7 +312,8 @@ class ConditionedVelocity:
         self.positive = self._per_item(conds["positive"], count, input_name)
         negative = conds.get("negative")
         self.negative = self._per_item(negative, count, "negative") if negative is not None else None
-        self.takes_guidance = "guidance" in self.positive[0]["model_conds"]
+        self.takes_guidance = ("guidance" in self.positive[0]["model_conds"]
+                               and distilled_guidance(model.diffusion_model))
         # Items whose conditionings the host cannot concatenate (other prompt lengths in a
         # CONDRegular, reference latents on some items only) run as separate forwards, as the
         # host's calc_cond_batch runs such conds; items of one group share a forward.
@@ -423,11 +429,8 @@ class _TrainingSampler(comfy.samplers.Sampler):
         config = run.config
         velocity = ConditionedVelocity(base, model_wrap.conds, count, run.cfg, extra_args["model_options"],
                                        extra_args.get("seed"))
-        # Nothing to draw without a distilled guidance input (schnell, SD3.5), nor for Chroma, whose host model
-        # passes a guidance of 0 that its network has no embedder for.
-        if config.guidance_range is not None and not (velocity.takes_guidance and
-                                                      family_recipe(model_wrap.model_patcher).guidance_draw):
-            config = config.replace(guidance_range=None)
+        if config.guidance_range is not None and not velocity.takes_guidance:
+            config = config.replace(guidance_range=None)  # no distilled guidance input (schnell, SD3.5, Chroma): nothing to draw
         network = base.diffusion_model
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
                              init_lora=run.init_lora, blocks=repeated_blocks(network),

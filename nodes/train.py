@@ -185,11 +185,12 @@ class TrainShortcut:
         """`progress`, `parallel` and `files` are for the headless command (nodes/headless.py): its progress bar
         and stop requests, data parallelism (only process 0 writes files), and the model files it loaded."""
         given = dict(options or {})
-        unknown = sorted(set(given) - set(_option_defaults()))
+        defaults = _option_defaults()
+        unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise host.HostInputError(f"options: unknown knobs {unknown}; connect a Shortcut Training Options node")
         check_inputs(ShortcutTrainingOptions.INPUT_TYPES(), given)  # values can come from anywhere: check them
-        o = {**_option_defaults(), **given}
+        o = {**defaults, **given}
         host.require_single_model(model, [*files, *host.upstream_files(prompt, unique_id)])
         # The schedule knobs left at the paper's (Flux) values follow the connected model's family.
         recipe = host.family_recipe(model)
@@ -198,7 +199,7 @@ class TrainShortcut:
                                       f"{recipe.family} model. Turn it off: the LoRA is saved in ComfyUI's format "
                                       f"either way, which ComfyUI's loaders read")
         for knob in SCHEDULE_KNOBS:
-            if o[knob] == _option_defaults()[knob]:
+            if o[knob] == defaults[knob]:
                 o[knob] = recipe.schedule[knob]
         cfg = host.resolved_cfg(recipe, cfg, negative)
         targets = tuple(name.strip() for name in o["target_modules"].split(",") if name.strip()) or None
