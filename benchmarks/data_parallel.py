@@ -49,11 +49,11 @@ def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) 
             parallel.average_gradients = timed
         config = demo_config(steps).replace(batch_size=batch)
         with ShortcutTrainer(net, velocity_of(net), real, config, parallel=parallel) as trainer:
-            trainer.train(2, progress=False)  # warm-up
+            trainer.run(2, progress=False)  # warm-up
             dist.barrier()
             spent[0] = 0.0
             start = time.perf_counter()
-            trainer.train(steps + 2, progress=False)
+            trainer.run(steps + 2, progress=False)
             elapsed = time.perf_counter() - start
         if rank == 0:
             with open(out, "w") as f:

@@ -57,7 +57,7 @@ def distill(net, latents: torch.Tensor, cfg: ShortcutConfig, progress: bool = Tr
             calibrate: bool = True) -> tuple[TrainResult, float]:
     """SCFM, then (calibrate) the recipe measured on held-out noises; (result, seconds the calibration took)."""
     with ShortcutTrainer(net, velocity_of(net), latents, cfg) as trainer:
-        trainer.train(progress=progress)
+        trainer.run(progress=progress)
         t0 = time.perf_counter()
         if calibrate:
             trainer.calibrate(torch.randn(CALIBRATION_NOISES, *latents.shape[1:],

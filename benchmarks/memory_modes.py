@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         config = base.replace(**changes)
         with ShortcutTrainer(net, velocity_of(net), real, config, blocks=list(net.blocks)) as trainer:
             start = time.perf_counter()
-            result = trainer.train(progress=False)
+            result = trainer.run(progress=False)
             per_step = (time.perf_counter() - start) / args.steps
             params = sum(p.numel() for p in trainer.adapters.parameters())
         with lora_applied(net, result.lora, 1.0):

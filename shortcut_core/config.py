@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .knobs import FREE, LAYOUT, OPTIONS, TEXT_LIST, TRAIN, Knob, knob, knobs_of
+
 
 LORA_LAYERS = {
     "all": "every linear layer (the paper)",
@@ -29,55 +31,103 @@ class ConfigError(ValueError):
 
 @dataclass
 class ShortcutConfig:
+    # Each knob is declared here once (knob()): default, range, tooltip and the node that shows it. The nodes'
+    # widgets, the node-to-config mapping, the headless command's arguments and the checkpoint's resume rules are
+    # read off these declarations.
+
     # --- LoRA (rank 64, alpha 64, every linear layer) ---
-    rank: int = 64
-    alpha: float = 64.0
+    rank: int = knob(64, "LoRA rank, on every linear layer.", 1, None, shown_on=TRAIN, slot=3, resume=LAYOUT, cap=1024)
+    alpha: float = knob(64.0, "LoRA alpha; scale = alpha / rank. The paper keeps alpha = rank (64): set it to your rank "
+                        "to keep that scale.", 0.01, None, 1.0, shown_on=OPTIONS, slot=0, resume=LAYOUT, cap=4096.0)
     # None: every nn.Linear of the module. Otherwise peft semantics: a module-name suffix list.
-    target_modules: tuple[str, ...] | None = None
+    target_modules: tuple[str, ...] | None = knob(
+        None, "Empty: LoRA on every linear layer (the paper). Else comma-separated module names or suffixes, e.g. "
+        "'img_attn.qkv, linear1'.", shown_on=OPTIONS, slot=21, resume=LAYOUT, kind=TEXT_LIST)
     # Which of those layers: "all" (the paper), or "blocks": only inside the repeated transformer blocks and
     # not their modulation (adaLN) layers, a quarter less LoRA state on Flux (see LORA_LAYERS).
-    lora_layers: str = "all"
+    lora_layers: str = knob("all", "all: " + LORA_LAYERS["all"] + ". blocks: " + LORA_LAYERS["blocks"] + " (about a "
+                            "quarter less LoRA memory on Flux).", shown_on=OPTIONS, slot=27, resume=LAYOUT,
+                            choices=tuple(LORA_LAYERS))
 
     # --- SCFM objective ---
-    t_skip: int = 2                    # sub-steps the target walks; first half teacher/fast EMA, second slow EMA
-    teacher_ratio: float = 0.4         # share of shortcut items whose first half comes from the teacher
-    teacher_min_steps: int = 32        # teacher items use schedules of this many steps ...
-    teacher_max_steps: int = 32        # ... up to this many, in strides of t_skip
-    non_shortcut_ratio: float = 0.0    # "pre-training fusion": share of items with the plain target noise - x0
-    shift_min: float = 2.5             # fixed shift drawn from U[shift_min, shift_max] ...
-    shift_max: float = 4.5
-    resolution_shift_prob: float = 0.1  # ... or, with this probability, the resolution shift exp(mu(tokens))
-    t_max: float = 1.0 - 1e-5          # first schedule point; avoids feeding pure noise at t = 1
+    # sub-steps the target walks; first half teacher/fast EMA, second slow EMA
+    t_skip: int = knob(2, "Sub-steps each target walks (even): first half teacher or fast EMA, second half slow EMA.",
+                       2, None, shown_on=OPTIONS, slot=7, cap=64)
+    teacher_ratio: float = knob(0.4, "Share of items whose target starts with the teacher.", 0.0, 1.0,
+                                shown_on=OPTIONS, slot=8)
+    teacher_min_steps: int = knob(32, "Teacher items use schedules of this many steps...", 2, None,
+                                  shown_on=OPTIONS, slot=9, cap=1_000_000)
+    teacher_max_steps: int = knob(32, "...up to this many, in strides of t_skip.", 2, None, shown_on=OPTIONS,
+                                  slot=10, cap=1_000_000)
+    # "pre-training fusion": share of items with the plain target noise - x0
+    non_shortcut_ratio: float = knob(0.0, "Share of items with the plain flow-matching target (pre-training fusion; "
+                                     "0 for Flux).", 0.0, 1.0, shown_on=OPTIONS, slot=11)
+    # fixed shift drawn from U[shift_min, shift_max] or, with resolution_shift_prob, the resolution shift exp(mu(tokens))
+    shift_min: float = knob(2.5, "Training schedules use a shift drawn from [min, max]. 0 (auto): the connected "
+                            "model's own, the paper's draw scaled to the shift it samples at (Flux 2.5-4.5, Wan 8: "
+                            "6.15-11.1; docs/model-families.md).", 0.01, None, shown_on=OPTIONS, slot=12, auto=0.0, cap=100.0)
+    shift_max: float = knob(4.5, "Upper end of the shift draw. 0 (auto): the connected model's own.", 0.01, None,
+                            shown_on=OPTIONS, slot=13, auto=0.0, cap=100.0)
+    resolution_shift_prob: float = knob(0.1, "Probability of Flux's resolution shift e^mu instead. -1 (auto): 0.1 for "
+                                        "Flux and Chroma, 0 for the other families (as the SD3.5 recipe).", 0.0, 1.0,
+                                        shown_on=OPTIONS, slot=14, auto=-1.0)
+    # first schedule point; avoids feeding pure noise at t = 1
+    t_max: float = knob(1.0 - 1e-5, "First schedule point (the paper: 1 - 1e-5, never pure noise).", 0.5, 1.0, 1e-5,
+                        shown_on=OPTIONS, slot=25)
     # Per-item guidance drawn from U[lo, hi) for guidance-distilled models (Flux dev); None: no draw.
-    guidance_range: tuple[float, float] | None = (0.0, 7.5)
+    guidance_range: tuple[float, float] | None = knob(
+        (0.0, 7.5), ("Guidance-distilled models (Flux dev): per-item guidance drawn from [min, max); ignored by models "
+                     "without a guidance input.", "Upper end of the guidance draw."), 0.0, 100.0, 0.1,
+        shown_on=OPTIONS, slot=1, widgets=("guidance_min", "guidance_max"))
 
     # --- dual EMA of the student LoRA (both start at zero, i.e. as the base model) ---
-    ema_slow_decay: float = 0.999
-    ema_fast_decay: float = 0.99
-    ema_restart_every: int = 0         # 0: never. The SD3.5 recipe restarts both EMAs from the student every 2000 steps.
+    ema_slow_decay: float = knob(0.999, "Slow EMA decay (second half of each target).", 0.0, 0.999999, 0.0001,
+                                 shown_on=OPTIONS, slot=15)
+    ema_fast_decay: float = knob(0.99, "Fast EMA decay (first half of self items).", 0.0, 0.999999, 0.0001,
+                                 shown_on=OPTIONS, slot=16)
+    # The SD3.5 recipe restarts both EMAs from the student every 2000 steps.
+    ema_restart_every: int = knob(0, "Restart both EMAs from the student every this many steps (0: never; SD3.5 "
+                                  "recipe: 2000).", 0, None, shown_on=OPTIONS, slot=17, cap=1_000_000)
 
     # --- optimisation (AdamW, constant lr) ---
-    learning_rate: float = 2e-5
-    weight_decay: float = 1e-4
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 10.0        # 2.0 in the SD3.5 recipe
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    steps: int = 10_000
-    seed: int = 0
-    checkpoint_every: int = 200        # 0: only at the end (and on interrupt)
-    gradient_checkpointing: bool = True
+    learning_rate: float = knob(2e-5, "AdamW learning rate (constant).", 1e-8, None, 1e-6, shown_on=TRAIN, slot=2, cap=1.0)
+    weight_decay: float = knob(1e-4, "AdamW weight decay.", 0.0, None, 1e-5, shown_on=OPTIONS, slot=18, cap=1.0)
+    adam_betas: tuple[float, float] = knob((0.9, 0.999), ("AdamW beta1.", "AdamW beta2."), 0.0, (0.9999, 0.99999),
+                                           (0.001, 0.0001), shown_on=OPTIONS, slot=22,
+                                           widgets=("adam_beta1", "adam_beta2"))
+    adam_eps: float = knob(1e-8, "AdamW epsilon.", 1e-12, None, 1e-9, shown_on=OPTIONS, slot=24, cap=1e-2)
+    max_grad_norm: float = knob(10.0, "Gradient-norm clip (10 Flux, 2 SD3.5).", 0.001, None, 0.1, shown_on=OPTIONS,
+                                slot=19, cap=1e6)
+    batch_size: int = knob(8, "Items per step, drawn from the latents.", 1, None, shown_on=TRAIN, slot=1, cap=4096)
+    grad_accum_steps: int = knob(1, "Micro-batches per optimizer step.", 1, None, shown_on=OPTIONS, slot=20, cap=1024)
+    steps: int = knob(10_000, "Optimizer steps (the authors: about 10k for Flux).", 1, None, shown_on=TRAIN,
+                      slot=0, resume=FREE, cap=1_000_000)
+    seed: int = knob(0, "Seeds the LoRA init, every draw and the preview noise: a run is reproducible (and not "
+                     "re-trained on every queue).", 0, None, shown_on=TRAIN, slot=4,
+                     widget={"control_after_generate": False}, cap=0xFFFFFFFFFFFFFFFF)
+    # 0: only at the end (and on interrupt)
+    checkpoint_every: int = knob(200, "Write the LoRA and training state every this many steps (0: only at the "
+                                 "end). Cancel also writes them.", 0, None, shown_on=TRAIN, slot=6, resume=FREE, cap=1_000_000)
+    gradient_checkpointing: bool = knob(True, "Recompute block activations in backward: much less memory, about a "
+                                        "third more time.", shown_on=OPTIONS, slot=3, resume=FREE)
     # AdamW's two moments (with a master copy of the LoRA and its gradients) in CPU memory, the step on the
     # CPU: a third of the LoRA state off the device, same arithmetic (bit-identical on a CPU).
-    offload_optimizer: bool = False
+    offload_optimizer: bool = knob(False, "Keep AdamW's state in RAM and step it on the CPU: a third of the LoRA's "
+                                   "memory off the GPU, same result, some time per step.", shown_on=OPTIONS, slot=28,
+                                   resume=FREE)
 
     # --- what a LoRA trained with this config recommends for sampling (written to file metadata) ---
-    sample_steps: int = 3
-    sample_shift: float = 3.25
-    sample_strength: float = 1.0
+    sample_steps: int = knob(3, "Steps the LoRA is meant for: previews, calibration and the file's recipe.", 1, None,
+                             shown_on=OPTIONS, slot=4, resume=FREE, cap=100)
+    sample_shift: float = knob(3.25, "Shift the LoRA is meant for (calibration tries it and its neighbours). 0 "
+                               "(auto): the shift the connected model samples at (Flux: the paper's 3.25).", 0.01,
+                               None, shown_on=OPTIONS, slot=5, resume=FREE, auto=0.0, cap=100.0)
+    sample_strength: float = knob(1.0, "Strength written to the file when calibrate is off.", 0.01, None,
+                                  shown_on=OPTIONS, slot=6, resume=FREE, cap=4.0)
 
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into metadata
+    # free-form notes carried into metadata
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"knob": Knob("Free-form notes carried into the "
+                                                                               "LoRA's metadata.", resume=FREE)})
 
     def __post_init__(self) -> None:
         if self.target_modules is not None:
@@ -120,28 +170,21 @@ class ShortcutConfig:
             if not ok:
                 raise ConfigError(name, f"{message} (got {getattr(self, name)!r})")
 
-        def is_int(name: str) -> bool:
-            v = getattr(self, name)
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_real(name: str) -> bool:
-            v = getattr(self, name)
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        for name in ("rank", "t_skip", "teacher_min_steps", "teacher_max_steps", "batch_size",
-                     "grad_accum_steps", "steps", "sample_steps"):
-            need(is_int(name) and getattr(self, name) >= 1, name, "must be an integer >= 1")
-        for name in ("seed", "ema_restart_every", "checkpoint_every"):
-            need(is_int(name) and getattr(self, name) >= 0, name, "must be an integer >= 0")
-        for name in ("alpha", "learning_rate", "max_grad_norm", "adam_eps", "sample_shift", "sample_strength",
-                     "shift_min", "shift_max"):
-            need(is_real(name) and getattr(self, name) > 0, name, "must be a finite number > 0")
-        need(is_real("weight_decay") and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0")
-        for name in ("teacher_ratio", "non_shortcut_ratio", "resolution_shift_prob"):
-            need(is_real(name) and 0.0 <= getattr(self, name) <= 1.0, name, "must be a probability in [0, 1]")
-        for name in ("ema_slow_decay", "ema_fast_decay"):
-            need(is_real(name) and 0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1); 0.999 / 0.99 are the paper's")
-        need(is_real("t_max") and 0.5 < self.t_max <= 1.0, "t_max", "must be in (0.5, 1]; the paper uses 1 - 1e-5")
+        # each knob's own range, as declared beside it
+        for f, k in knobs_of(type(self)):
+            value = getattr(self, f.name)
+            if k.choices:
+                need(value in k.choices, f.name, f"must be one of {', '.join(k.choices)}")
+            elif isinstance(f.default, bool):
+                need(isinstance(value, bool), f.name, "must be True or False")
+            elif isinstance(f.default, (int, float)) and k.low is not None:
+                whole = isinstance(f.default, int)
+                typed = (isinstance(value, int) if whole else isinstance(value, (int, float))
+                         and math.isfinite(value)) and not isinstance(value, bool)
+                kind = "an integer" if whole else "a finite number"
+                need(typed and k.low <= value and (k.high is None or value <= k.high), f.name,
+                     f"must be {kind} >= {k.low:g}" if k.high is None else f"must be {kind} from {k.low:g} to {k.high:g}")
+        # what ties knobs together
         need(self.t_skip % 2 == 0, "t_skip",
              "must be even: the first half of the sub-steps comes from the teacher or fast EMA, the second from the slow EMA")
         need(self.shift_max >= self.shift_min, "shift_max", f"must be >= shift_min ({self.shift_min})")
@@ -160,9 +203,6 @@ class ShortcutConfig:
         if self.target_modules is not None:
             need(len(self.target_modules) > 0 and all(isinstance(s, str) and s for s in self.target_modules),
                  "target_modules", "must be None (every linear layer) or a non-empty list of module names")
-        for name in ("gradient_checkpointing", "offload_optimizer"):
-            need(isinstance(getattr(self, name), bool), name, "must be True or False")
-        need(self.lora_layers in LORA_LAYERS, "lora_layers", f"must be one of {', '.join(LORA_LAYERS)}")
         need(isinstance(self.extra, dict), "extra", "must be a dict")
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -186,8 +226,8 @@ class ShortcutConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The schedule knobs a model family may set for itself (nodes/host.py: family_recipe).
-SCHEDULE_KNOBS = ("shift_min", "shift_max", "resolution_shift_prob", "sample_shift")
+# The schedule knobs a model family sets for itself (host/families.py: family_recipe): those with an "auto" value.
+SCHEDULE_KNOBS = tuple(f.name for f, k in knobs_of(ShortcutConfig) if k.auto is not None)
 
 
 def schedule_around(model_shift: float, resolution_shift_prob: float = 0.0) -> dict[str, float]:

@@ -13,9 +13,7 @@ with grad, MSE, backward. Then clip, AdamW, and update both EMAs.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,17 +25,16 @@ from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, lora_target_names, uniform_rank_alpha)
 from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
+from .checkpoint import CheckpointWriteError, checkpoint_state, load_into, write_checkpoint
 from .config import ShortcutConfig
 from .data_parallel import DataParallel
 from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .optimizer_offload import OffloadedAdamW
-from .safetensors_io import SafetensorsFileError, read_safetensors, write_safetensors_atomic
+from .safetensors_io import SafetensorsFileError
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
-
-CHECKPOINT_FORMAT = "shortcut_flow.checkpoint.1"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,11 +46,6 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(f"the loss became {loss} at step {step}; training stopped before applying it, and the "
                          f"last checkpoint (if any) was kept. Lower learning_rate, check the latents for NaN/inf, or "
                          f"train in a wider dtype.")
-
-
-class CheckpointWriteError(SafetensorsFileError):
-    """A checkpoint could not be written (full disk, unwritable folder); training stopped. The
-    previous checkpoint file is intact (writes are atomic)."""
 
 
 class TrainingDataError(ValueError):
@@ -99,10 +91,6 @@ def _check_latents(latents: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tens
     if not torch.isfinite(stacked).all():
         raise TrainingDataError("latents: contain NaN or inf values; re-encode the images")
     return stacked
-
-
-def _write_checkpoint(path: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    write_safetensors_atomic(path, tensors, {"shortcut_flow.checkpoint": json.dumps(meta)})
 
 
 class ShortcutTrainer:
@@ -286,9 +274,9 @@ class ShortcutTrainer:
                           loss_flow=mean_or_none(flow_losses), grad_norm=float(grad_norm))
 
     # ------------------------------------------------------------------ the loop
-    def train(self, steps: int | None = None, *, callback: Callable[[StepReport], None] | None = None,
-              checkpoint_path: str | None = None, on_checkpoint: Callable[[], None] | None = None,
-              progress: bool = True) -> TrainResult:
+    def run(self, steps: int | None = None, *, callback: Callable[[StepReport], None] | None = None,
+            checkpoint_path: str | None = None, on_checkpoint: Callable[[], None] | None = None,
+            progress: bool = True) -> TrainResult:
         """Train until `steps` optimizer steps are done in total (default config.steps).
 
         `callback(report)` runs after every step; raising from it interrupts training. On an
@@ -329,7 +317,7 @@ class ShortcutTrainer:
             if self.parallel.rank != 0:
                 return
         try:
-            _write_checkpoint(path, tensors, meta)
+            write_checkpoint(path, tensors, meta)
             if on_checkpoint is not None:
                 on_checkpoint()
         except SafetensorsFileError as e:
@@ -391,89 +379,19 @@ class ShortcutTrainer:
         self.calibration = calibrate_recipe(sample, reference, grid, reference_steps)
         return self.calibration
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (format: checkpoint.py)
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resume needs, as flat tensors plus JSON-able metadata."""
-        tensors: dict[str, torch.Tensor] = {}
-        for role in (STUDENT, EMA_SLOW, EMA_FAST):
-            for name, p in self.adapters.named_parameters(role):
-                tensors[f"{role}/{name}"] = p.detach()
-        state = self.optimizer.state_dict()
-        for i, param_state in state["state"].items():
-            for key, value in param_state.items():
-                tensors[f"optimizer/{i}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-        tensors["rng"] = self.generator.get_state()
-        tensors["losses"] = torch.tensor(self.losses, dtype=torch.float64)
-        meta = {"format": CHECKPOINT_FORMAT, "step": self.step_count, "config": self.config.to_dict(),
-                "processes": self.processes,
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
-                "student": [name for name, _ in self.adapters.named_parameters(STUDENT)]}
-        return tensors, meta
+        return checkpoint_state(self.adapters, self.optimizer, self.generator, self.losses, self.step_count,
+                                self.config, self.processes)
 
     def save_checkpoint(self, path: str) -> None:
-        _write_checkpoint(path, *self.state_tensors())
+        write_checkpoint(path, *self.state_tensors())
 
-    @torch.no_grad()
     def load_checkpoint(self, path: str) -> None:
         """Continue a run from a checkpoint written by save_checkpoint (same module, same LoRA layout)."""
-        tensors, raw = read_safetensors(path, what="training checkpoint")
-        if "shortcut_flow.checkpoint" not in raw:
-            raise SafetensorsFileError(f"training checkpoint {path!r} has no shortcut_flow checkpoint metadata; "
-                                       f"it is a LoRA file, not a training checkpoint")
-        meta = json.loads(raw["shortcut_flow.checkpoint"])
-        self._check_checkpoint_config(path, meta.get("config") or {})
-        names = [name for name, _ in self.adapters.named_parameters(STUDENT)]
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("student") != names:
-            raise SafetensorsFileError(f"training checkpoint {path!r} was written for a different LoRA layout "
-                                       f"(rank, target modules or model); start a new run or use the same settings")
-        loads = []  # validate everything before changing anything: a refused checkpoint loads nothing
-        for role in (STUDENT, EMA_SLOW, EMA_FAST):
-            for name, p in self.adapters.named_parameters(role):
-                saved = tensors.get(f"{role}/{name}")
-                if saved is None or saved.shape != p.shape:
-                    raise SafetensorsFileError(f"training checkpoint {path!r}: {role} {name} has shape "
-                                               f"{None if saved is None else tuple(saved.shape)}, the run has "
-                                               f"{tuple(p.shape)}")
-                loads.append((p, saved))
-        if "rng" not in tensors or "losses" not in tensors:
-            raise SafetensorsFileError(f"training checkpoint {path!r} has no RNG state or loss history; it is incomplete")
-        for p, saved in loads:
-            p.copy_(saved)
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer/"):
-                _, index, field = key.split("/", 2)
-                opt_state.setdefault(int(index), {})[field] = value
-        groups = [dict(g, params=list(range(len(names)))) for g in meta["param_groups"]]
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        self.generator.set_state(tensors["rng"])
-        self.losses = [float(v) for v in tensors["losses"]]
-        self.step_count = int(meta["step"])
-        processes, now = int(meta.get("processes", 1)), self.processes
-        if processes != now:
-            warnings.warn(f"resuming {path!r} on {now} process(es); it was trained on {processes}: an optimizer step "
-                          f"now sees {self.config.batch_size * now * self.config.grad_accum_steps} items instead of "
-                          f"{self.config.batch_size * processes * self.config.grad_accum_steps} (batch_size is per "
-                          f"process)", stacklevel=2)
-
-    # Settings that shape the LoRA itself: a checkpoint made with others cannot be loaded.
-    LAYOUT_FIELDS = ("rank", "alpha", "target_modules", "lora_layers")
-    # Settings that may change on resume (length of the run, its outputs) without a warning.
-    FREE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "offload_optimizer", "sample_steps",
-                   "sample_shift", "sample_strength", "extra")
-
-    def _check_checkpoint_config(self, path: str, saved: dict) -> None:
-        current = self.config.to_dict()
-        differ = [k for k in current if k in saved and saved[k] != current[k] and k not in self.FREE_FIELDS]
-        layout = [k for k in differ if k in self.LAYOUT_FIELDS]
-        if layout:
-            pairs = ", ".join(f"{k} {saved[k]!r} (this run: {current[k]!r})" for k in layout)
-            raise SafetensorsFileError(f"training checkpoint {path!r} was made with {pairs}; set the same values to "
-                                       f"resume from it, or start a new run")
-        if differ:
-            warnings.warn(f"resuming {path!r} with changed settings: "
-                          + ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in differ)
-                          + "; the run will differ from an uninterrupted one", stacklevel=3)
+        self.step_count, self.losses = load_into(path, self.adapters, self.optimizer, self.generator, self.config,
+                                                 self.processes, stacklevel=2)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

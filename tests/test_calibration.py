@@ -56,13 +56,13 @@ def test_sampling_with_the_adapters_during_training_changes_nothing_of_the_run()
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(9))
     sigmas = shifted_schedule(2, 1.0)
     with _trainer(net) as plain:
-        expected = plain.train(progress=False)
+        expected = plain.run(progress=False)
     previews = []
     with _trainer(net) as watched:
         def preview(report):
             previews.append(watched.sample_as(STUDENT, noise, sigmas, strength=1.5))
             watched.sample_as(TEACHER, noise, sigmas)
-        result = watched.train(callback=preview, progress=False)
+        result = watched.run(callback=preview, progress=False)
     assert result.losses == expected.losses
     assert all(torch.equal(result.lora[k].up, expected.lora[k].up) and torch.equal(result.lora[k].down,
                expected.lora[k].down) for k in expected.lora)
@@ -75,7 +75,7 @@ def test_sample_as_is_euler_with_the_role_and_strength_applied():
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(9))
     sigmas = shifted_schedule(3, 2.0)
     with _trainer(net, steps=2) as trainer:
-        trainer.train(progress=False)
+        trainer.run(progress=False)
         teacher = trainer.sample_as(TEACHER, noise, sigmas)
         strong = trainer.sample_as(STUDENT, noise, sigmas, strength=1.75)
         student = trainer.sample_as(STUDENT, noise, sigmas)
@@ -92,7 +92,7 @@ def test_calibrate_measures_the_grid_and_the_metadata_recommends_its_best():
     net = TinyVelocityNet()
     noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(9))
     with _trainer(net, steps=3) as trainer:
-        trainer.train(progress=False)
+        trainer.run(progress=False)
         assert trainer.lora_metadata().calibration is None
         calibration = trainer.calibrate(noise)
         metadata = trainer.lora_metadata()

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, init: str, out: str, batch: int, mode: str) -
                 with torch.no_grad():
                     tr.adapters.parameters()[0].add_(1e-3)
             try:
-                tr.train(progress=False, checkpoint_path=os.path.join(out, "run.ckpt"))
+                tr.run(progress=False, checkpoint_path=os.path.join(out, "run.ckpt"))
             except StateDriftError as e:
                 with open(os.path.join(out, f"drift{rank}.txt"), "w") as f:
                     f.write(str(e))
@@ -52,7 +52,7 @@ def _spawn(tmp_path, world: int, batch: int, mode: str = "train") -> None:
 def _single(batch: int, steps: int = STEPS):
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(batch_size=batch, steps=steps)) as tr:
-        tr.train(progress=False)
+        tr.run(progress=False)
         return snapshot(tr), tr.losses
 
 
@@ -83,12 +83,13 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tr.load_checkpoint(str(tmp_path / "run.ckpt"))
-        assert any("trained on 2" in str(w.message) and "items instead of" in str(w.message) for w in caught)
+        assert any("trained on 2" in str(w.message) and "items instead of" in str(w.message)
+                   and w.filename == __file__ for w in caught)  # pointing at the caller of load_checkpoint
         assert tr.step_count == STEPS
         ranks = load_file(str(tmp_path / "rank0.safetensors"))
         for key, value in snapshot(tr).items():
             assert torch.equal(value, ranks[key]), key
-        tr.train(progress=False)
+        tr.run(progress=False)
         assert tr.step_count == STEPS + 2
 
 

@@ -50,7 +50,7 @@ def test_trainer_learns_through_inference_weights_and_restores_them():
     before = module_hash(net)
     latents = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     with ShortcutTrainer(net, lambda x, t, **e: net(x, t), latents, _config()) as trainer:
-        result = trainer.train(progress=False)
+        result = trainer.run(progress=False)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     assert any(w.up.abs().sum() > 0 for w in result.lora.values()), "the student did not learn"
     # the very same inference tensors are back in place, unchanged, and no hook is left behind
@@ -72,7 +72,7 @@ def test_weights_moved_outside_inference_mode_train_too():
     latents = torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with ShortcutTrainer(net, lambda x, t, **e: net(x, t.to(x.dtype)), latents, _config()) as trainer:
         assert trainer._inference_aliases.count == 8  # every base weight and bias
-        result = trainer.train(progress=False)
+        result = trainer.run(progress=False)
     assert any(w.up.abs().sum() > 0 for w in result.lora.values()), "the student did not learn"
     assert module_hash(net) == before
 

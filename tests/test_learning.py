@@ -82,7 +82,7 @@ def test_short_training_on_a_tiny_teacher_lowers_its_3_step_error():
                             resolution_shift_prob=0.0, weight_decay=0.0, ema_slow_decay=0.99, ema_fast_decay=0.9,
                             checkpoint_every=0)
     with ShortcutTrainer(net, velocity, latents, config) as trainer:
-        result = trainer.train(progress=False)
+        result = trainer.run(progress=False)
         student_3 = sample_euler(velocity, z, three, disable=True)  # the student adapter is active here
     student_error = (student_3 - reference).norm(dim=1).mean().item()
 

@@ -31,7 +31,7 @@ def test_offloaded_adamw_trains_bit_identically(accum):
 def test_offloaded_adamw_keeps_its_state_off_the_parameters_and_in_checkpoints(tmp_path):
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(offload_optimizer=True)) as tr:
-        tr.train(2, progress=False)
+        tr.run(2, progress=False)
         student = tr.adapters.parameters(STUDENT)
         master = tr.optimizer.master
         assert all(m.data_ptr() != p.data_ptr() and torch.equal(m, p) for m, p in zip(master, student))
@@ -44,7 +44,7 @@ def test_offloaded_adamw_keeps_its_state_off_the_parameters_and_in_checkpoints(t
         net = make_net()
         with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(offload_optimizer=offload)) as tr:
             tr.load_checkpoint(str(tmp_path / "offloaded.ckpt"))
-            tr.train(4, progress=False)
+            tr.run(4, progress=False)
             assert_same_state(snapshot(tr), reference)
 
 
@@ -78,7 +78,7 @@ def test_blocks_preset_keeps_the_blocks_linear_layers_without_modulation():
 def test_trainer_adapts_only_the_preset_layers_and_a_checkpoint_keeps_the_layout(tmp_path):
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(lora_layers="blocks"), blocks=net.blocks) as tr:
-        tr.train(2, progress=False)
+        tr.run(2, progress=False)
         assert sorted(tr.adapters.layers) == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
         assert tr.lora_metadata().config["lora_layers"] == "blocks"
         tr.save_checkpoint(str(tmp_path / "blocks.ckpt"))
@@ -105,7 +105,7 @@ def test_emas_of_a_bf16_model_keep_a_0999_update():
     history = []
     with ShortcutTrainer(net, velocity, make_latents(), config) as tr:
         assert {p.dtype for p in tr.adapters.parameters(EMA_SLOW)} == {torch.float32}
-        tr.train(callback=lambda r: history.append(snapshot(tr)), progress=False)
+        tr.run(callback=lambda r: history.append(snapshot(tr)), progress=False)
     expected = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in history[0].items() if k.startswith(STUDENT)}
     for state in history:
         for k in expected:

@@ -108,7 +108,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def run_straight(config: ShortcutConfig, steps: int):
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), config) as tr:
-        result = tr.train(steps, progress=False)
+        result = tr.run(steps, progress=False)
         return snapshot(tr), list(result.losses), result
 
 
@@ -121,7 +121,7 @@ def test_training_leaves_the_base_module_bit_identical():
     y0 = net(x, t, guidance=torch.ones(3)).detach()
     before, layout = module_hash(net), module_layout(net)
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=3)) as tr:
-        result = tr.train(progress=False)
+        result = tr.run(progress=False)
         assert has_peft_layers(net)
         with torch.no_grad():
             y_student = net(x, t, guidance=torch.ones(3))
@@ -137,7 +137,7 @@ def test_close_is_idempotent_and_restores():
     net = make_net()
     layout, before = module_layout(net), module_hash(net)
     tr = ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=1))
-    tr.train(progress=False)
+    tr.run(progress=False)
     tr.close()
     tr.close()
     assert not has_peft_layers(net)
@@ -157,7 +157,7 @@ def test_exception_from_callback_leaves_the_module_identical(tmp_path):
 
     with pytest.raises(Stop):
         with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg()) as tr:
-            tr.train(callback=callback, progress=False)
+            tr.run(callback=callback, progress=False)
     assert tr.step_count == 2
     assert not has_peft_layers(net)
     assert module_hash(net) == before and module_layout(net) == layout
@@ -173,7 +173,7 @@ def test_resume_is_exact(tmp_path, accum):
     ckpt = tmp_path / "run.ckpt.safetensors"
     net_b = make_net()
     with ShortcutTrainer(net_b, velocity_of(net_b), make_latents(), config) as tr:
-        tr.train(3, progress=False)
+        tr.run(3, progress=False)
         tr.save_checkpoint(str(ckpt))
     assert checkpoint_step(ckpt) == 3
 
@@ -181,7 +181,7 @@ def test_resume_is_exact(tmp_path, accum):
     with ShortcutTrainer(net_c, velocity_of(net_c), make_latents(), config) as tr:
         tr.load_checkpoint(str(ckpt))
         assert tr.step_count == 3 and tr.losses == losses_a[:3]
-        result = tr.train(6, progress=False)
+        result = tr.run(6, progress=False)
         state_b = snapshot(tr)
     assert_same_state(state_a, state_b)
     assert result.losses == losses_a
@@ -194,9 +194,9 @@ def test_resume_differs_without_the_checkpoint(tmp_path):
     state_a, losses_a, _ = run_straight(config, 6)
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), config) as tr:
-        tr.train(3, progress=False)
+        tr.run(3, progress=False)
         tr.step_count = 0
-        result = tr.train(3, progress=False)
+        result = tr.run(3, progress=False)
     assert result.losses[:3] != losses_a[3:]
 
 
@@ -212,13 +212,13 @@ def test_interrupt_from_callback_checkpoints_that_step_and_resumes_exactly(tmp_p
     net = make_net()
     with pytest.raises(KeyboardInterrupt):
         with ShortcutTrainer(net, velocity_of(net), make_latents(), config) as tr:
-            tr.train(callback=callback, checkpoint_path=str(ckpt), progress=False)
+            tr.run(callback=callback, checkpoint_path=str(ckpt), progress=False)
     assert checkpoint_step(ckpt) == 4
 
     net2 = make_net()
     with ShortcutTrainer(net2, velocity_of(net2), make_latents(), config) as tr:
         tr.load_checkpoint(str(ckpt))
-        result = tr.train(progress=False)
+        result = tr.run(progress=False)
         assert_same_state(state_a, snapshot(tr))
     assert result.losses == losses_a
 
@@ -240,12 +240,12 @@ def test_interrupt_inside_a_step_rewinds_it(tmp_path):
 
     with ShortcutTrainer(net, velocity, make_latents(), config) as tr:
         with pytest.raises(KeyboardInterrupt):
-            tr.train(checkpoint_path=str(ckpt), progress=False)
+            tr.run(checkpoint_path=str(ckpt), progress=False)
         assert tr.step_count == 3
         assert checkpoint_step(ckpt) == 3
         assert all(p.grad is None for p in tr.adapters.parameters(STUDENT))
         assert tr.adapters.active == STUDENT
-        result = tr.train(progress=False)  # carry on in the same trainer
+        result = tr.run(progress=False)  # carry on in the same trainer
         assert_same_state(state_a, snapshot(tr))
     assert result.losses == losses_a
 
@@ -254,7 +254,7 @@ def test_checkpoint_of_another_layout_is_refused(tmp_path):
     ckpt = tmp_path / "r4.safetensors"
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=1)) as tr:
-        tr.train(checkpoint_path=str(ckpt), progress=False)
+        tr.run(checkpoint_path=str(ckpt), progress=False)
     net2 = make_net()
     with ShortcutTrainer(net2, velocity_of(net2), make_latents(), cfg(rank=2, alpha=2.0)) as tr:
         with pytest.raises(SafetensorsFileError, match=r"made with rank 4 \(this run: 2\), alpha 4.0 \(this run: 2.0\)"):
@@ -265,11 +265,12 @@ def test_resuming_with_other_training_settings_warns_and_names_them(tmp_path):
     ckpt = tmp_path / "run.safetensors"
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=1)) as tr:
-        tr.train(checkpoint_path=str(ckpt), progress=False)
+        tr.run(checkpoint_path=str(ckpt), progress=False)
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=3, learning_rate=5e-4)) as tr:
         with pytest.warns(UserWarning, match="learning_rate") as record:
             tr.load_checkpoint(str(ckpt))
         assert "steps" not in str(record[0].message).replace("_steps", "")  # a longer run is no change of recipe
+        assert record[0].filename == __file__  # the warning points at the caller of load_checkpoint
         assert tr.step_count == 1
 
 
@@ -280,7 +281,7 @@ def test_a_refused_checkpoint_loads_nothing(tmp_path, damage):
     ckpt = tmp_path / "ok.safetensors"
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=2)) as tr:
-        tr.train(checkpoint_path=str(ckpt), progress=False)
+        tr.run(checkpoint_path=str(ckpt), progress=False)
     tensors, meta = read_safetensors(ckpt)
     last = [k for k in tensors if k.startswith(EMA_FAST + "/")][-1]  # validated last
     if damage == "shape":
@@ -311,7 +312,7 @@ def test_checkpoint_every_writes_periodically(tmp_path):
 
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=5, checkpoint_every=2)) as tr:
-        tr.train(callback=callback, checkpoint_path=str(ckpt), progress=False)
+        tr.run(callback=callback, checkpoint_path=str(ckpt), progress=False)
     assert seen == [(1, None), (2, 2), (3, 2), (4, 4), (5, 4)]
     assert checkpoint_step(ckpt) == 5  # and the final state at the end
     assert [n for n in ckpt.parent.iterdir() if n.name.startswith(".tmp-")] == []
@@ -343,7 +344,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path, every
     box.append(tr)
     with tr:
         with pytest.raises(NonFiniteLossError) as info:
-            tr.train(callback=callback, checkpoint_path=str(ckpt), progress=False)
+            tr.run(callback=callback, checkpoint_path=str(ckpt), progress=False)
         assert "step 3" in str(info.value)
         assert info.value.step == 3
         assert tr.step_count == 2 and len(tr.losses) == 2
@@ -387,7 +388,7 @@ def test_list_of_latents_is_accepted():
     with ShortcutTrainer(net, velocity_of(net), latents, cfg(steps=1)) as tr:
         assert tr.latents.shape == (5, *SHAPE)
         assert tr.token_count == 4  # (4 // 2) * (4 // 2) packed tokens, for the resolution shift
-        tr.train(progress=False)
+        tr.run(progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- what the model sees
@@ -439,7 +440,7 @@ def test_no_guidance_argument_without_guidance_range():
         return net(x, t, **kw)
 
     with ShortcutTrainer(net, velocity, make_latents(), cfg(steps=2, guidance_range=None)) as tr:
-        tr.train(progress=False)
+        tr.run(progress=False)
     assert seen and all(k == set() for k in seen)
 
 
@@ -454,7 +455,7 @@ def test_per_item_extra_arguments_follow_their_latents():
                 index = [k for k in range(10) if torch.equal(latents[k], x0[row])]
                 assert len(index) == 1
                 assert torch.equal(extra["cond"][row], cond[index[0]])
-        tr.train(progress=False)
+        tr.run(progress=False)
 
 
 def test_ema_restart_every_k_steps_copies_the_student():
@@ -466,7 +467,7 @@ def test_ema_restart_every_k_steps_copies_the_student():
         states.append(snapshot(tr))
 
     with ShortcutTrainer(net, velocity_of(net), make_latents(), config) as tr:
-        tr.train(callback=callback, progress=False)
+        tr.run(callback=callback, progress=False)
 
     def role(state, r):
         return [v for k, v in state.items() if k.startswith(r + "/")]
@@ -487,7 +488,7 @@ def test_emas_follow_the_student_with_their_decays():
     net = make_net()
     states = []
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=3)) as tr:
-        tr.train(callback=lambda r: states.append(snapshot(tr)), progress=False)
+        tr.run(callback=lambda r: states.append(snapshot(tr)), progress=False)
     ema_s = {k: torch.zeros_like(v) for k, v in states[0].items() if k.startswith(STUDENT)}
     ema_f = {k: torch.zeros_like(v) for k, v in ema_s.items()}
     for state in states:
@@ -570,7 +571,7 @@ def test_teacher_lora_initialises_the_emas_and_is_the_teacher():
         torch.testing.assert_close(outputs[EMA_SLOW], outputs[TEACHER], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(outputs[EMA_FAST], outputs[TEACHER], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(outputs[STUDENT], outputs[TEACHER], atol=1e-4)
-        tr.train(progress=False)
+        tr.run(progress=False)
         # training never touches the teacher
         for name, w in tr.adapters.lora_state(TEACHER).items():
             assert torch.equal(w.down, teacher[name].down) and torch.equal(w.up, teacher[name].up)
@@ -594,7 +595,7 @@ def test_gradient_checkpointing_and_inplace_blocks_give_the_same_training():
         net = make_net(inplace=True)
         with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=3, gradient_checkpointing=recompute),
                              blocks=list(net.blocks)) as tr:
-            result = tr.train(progress=False)
+            result = tr.run(progress=False)
             state = snapshot(tr)
         for k in state_ref:
             torch.testing.assert_close(state[k], state_ref[k], rtol=1e-5, atol=1e-6)
@@ -610,7 +611,7 @@ def test_lora_applied_gives_the_students_outputs_and_restores():
     y0 = net(x, t, guidance=g).detach()
     before, layout = module_hash(net), module_layout(net)
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=4)) as tr:
-        result = tr.train(progress=False)
+        result = tr.run(progress=False)
         with torch.no_grad():
             y_student = net(x, t, guidance=g)
     assert not torch.allclose(y_student, y0)
@@ -637,7 +638,7 @@ def test_lora_applied_gives_the_students_outputs_and_restores():
 def test_result_metadata_records_the_run():
     net = make_net()
     with ShortcutTrainer(net, velocity_of(net), make_latents(), cfg(steps=2, sample_steps=4, sample_shift=3.0)) as tr:
-        result = tr.train(progress=False)
+        result = tr.run(progress=False)
     assert (result.metadata.steps, result.metadata.shift) == (4, 3.0)
     assert result.metadata.config["trained_steps"] == 2
     assert ShortcutConfig.from_dict({k: v for k, v in result.metadata.config.items() if k != "trained_steps"}) == \
@@ -656,7 +657,7 @@ def test_per_item_first_half_trains_like_one_forward_per_role():
             velocity.keeps_batch_whole = True
         with ShortcutTrainer(net, velocity, make_latents(), cfg(steps=4, teacher_ratio=0.5)) as tr:
             assert (tr._first_half is not None) == keeps_whole
-            return tr.train(progress=False)
+            return tr.run(progress=False)
     split, mixed = run(False), run(True)
     for name in split.lora:
         torch.testing.assert_close(mixed.lora[name].up, split.lora[name].up, rtol=1e-4, atol=1e-6)
