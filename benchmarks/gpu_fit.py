@@ -3,7 +3,7 @@
 Needs a ComfyUI checkout (found as the host tests find it) and a CUDA device with room for the largest
 configuration (a 80+ GB card). ComfyUI's own Flux class at Flux.1-dev's full config (19 double + 38 single
 blocks, hidden 3072, T5 context 4096, pooled 768, guidance input) with random weights, stored in bf16 or fp8
-as ComfyUI holds them, trains a few steps through the pack's host adapter (`nodes.host.train`: the memory
+as ComfyUI holds them, trains a few steps through the pack's host adapter (`host.training.train_in_graph`: the memory
 plan, the loading, the memory modes, the trainer), on 1024 px latents with 512 text tokens.
 
 A smaller card is simulated twice over: torch's allocator is capped at the card's usable memory
@@ -101,12 +101,12 @@ class Card:
 
 
 class StepTimes:
-    """TrainShortcut's progress hook: the time of every step."""
+    """The run's reporter (host/run.py RunReporter): the time of every step."""
 
     def __init__(self):
         self.times, self.last = [], time.perf_counter()
 
-    def __call__(self, report) -> None:
+    def step(self, report) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -124,13 +124,13 @@ def run_case(case: Case, patcher, side: int, steps: int, device) -> dict:
     import gc
 
     import comfy.model_management as mm
-    host = comfy_host.pack_module("nodes.host")
+    host = comfy_host.pack_module("host.training")
     positive = comfy_host.flux_positive(patcher, tokens=512 if side > 16 else 16)
     latents = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(0))
     config = ShortcutConfig(rank=case.rank, alpha=float(case.rank), batch_size=case.batch, steps=steps,
                             checkpoint_every=0, offload_optimizer=case.offload_optimizer, lora_layers=case.lora_layers)
     times = StepTimes()
-    run = host.TrainingRun(config=config, progress=times, stream_weights=case.stream_weights)
+    run = host.TrainingRun(config=config, reporter=times, stream_weights=case.stream_weights)
     plans = []
     check = host.check_memory
     host.check_memory = lambda *a, **k: plans.append(check(*a, **k)) or plans[-1]
@@ -144,7 +144,7 @@ def run_case(case: Case, patcher, side: int, steps: int, device) -> dict:
     try:
         with Card(device, case.card_gb):
             times.last = time.perf_counter()
-            outcome = host.train(patcher, latents, positive, None, run)
+            outcome = host.train_in_graph(patcher, latents, positive, None, run)
         out["lora"] = {k: w.up.flatten().cpu() for k, w in outcome.result.lora.items()}  # up starts at zero
         del outcome
         out["step"] = statistics.median(times.times[1:] or times.times)

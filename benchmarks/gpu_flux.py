@@ -69,7 +69,9 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
     """Median SCFM and plain step seconds and the SCFM step's peak memory (bytes above the loaded model)."""
     import comfy.samplers
 
-    host = comfy_host.pack_module("nodes.host")
+    host = comfy_host.pack_module("host")
+    for concern in ("families", "memory", "sampling", "velocity"):
+        comfy_host.pack_module(f"host.{concern}")
     patcher = build(widths, double, single, weight_dtype, device)
     positive = comfy_host.flux_positive(patcher, tokens=512 if widths is FLUX_WIDTHS else 16)
     latents = torch.randn(4, 16, side, side, generator=torch.Generator().manual_seed(0))
@@ -79,10 +81,10 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
     class Measure(comfy.samplers.Sampler):
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                    disable_pbar=False):
-            velocity = host.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, latent_image.shape[0], 1.0,
+            velocity = host.velocity.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, latent_image.shape[0], 1.0,
                                                 extra_args["model_options"], 0)
             network = model_wrap.inner_model.diffusion_model
-            blocks = host.repeated_blocks(network)
+            blocks = host.families.repeated_blocks(network)
             data = latent_image.detach().clone().float()
             with ShortcutTrainer(network, velocity, data, config, extra_args={"item": torch.arange(data.shape[0])},
                                  blocks=blocks, device=data.device) as trainer:
@@ -125,12 +127,12 @@ def measure(widths, double, single, weight_dtype, side, batch, rank, repeats, de
 
     from .flux_memory import measure as account
     tokens = (side // 2) ** 2 + positive[0][0].shape[1]
-    out["plan"] = plan_training(host.model_shape(patcher, None),
+    out["plan"] = plan_training(host.memory.model_shape(patcher, None),
                                 TrainingShape(rank=rank, forward_batch=batch, tokens=tokens, checkpointing=True)).total
     if widths is FLUX_WIDTHS:
         out["accounted"] = account(widths, double, single, side, batch, rank, True, weight_dtype).total
 
-    guider = host.make_guider(patcher, positive, None, 1.0)
+    guider = host.sampling.make_guider(patcher, positive, None, 1.0)
     with torch.inference_mode(False):
         guider.sample(torch.zeros(batch, 16, side, side), latents, Measure(), torch.tensor([1.0, 0.0]), seed=0,
                       disable_pbar=True)

@@ -36,7 +36,9 @@ CASES = [  # name, Flux overrides, latent side, batch
 def run_case(name, overrides, side, batch, config: ShortcutConfig, device, repeats: int, checkpointing: bool):
     import comfy.samplers
 
-    host = comfy_host.pack_module("nodes.host")
+    host = comfy_host.pack_module("host")
+    for concern in ("families", "memory", "sampling", "velocity"):
+        comfy_host.pack_module(f"host.{concern}")
     with torch.inference_mode():
         _, patcher = comfy_host.tiny_flux(seed=0, **overrides)
     positive = comfy_host.flux_positive(patcher)
@@ -48,7 +50,7 @@ def run_case(name, overrides, side, batch, config: ShortcutConfig, device, repea
         def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                    disable_pbar=False):
             count = latent_image.shape[0]
-            velocity = host.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, 1.0,
+            velocity = host.velocity.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, 1.0,
                                                 extra_args["model_options"], 0)
             network = model_wrap.inner_model.diffusion_model
             guidance = torch.full((batch,), 3.5, device=latent_image.device)
@@ -56,10 +58,10 @@ def run_case(name, overrides, side, batch, config: ShortcutConfig, device, repea
                                   latent_image.detach().clone().float(), config, latent_image.device, repeats,
                                   velocity=velocity, extra_args={"item": torch.arange(count)},
                                   batch_args={"item": torch.zeros(batch, dtype=torch.long), "guidance": guidance},
-                                  blocks=host.repeated_blocks(network), peaks=latent_image.device.type == "cuda")
+                                  blocks=host.families.repeated_blocks(network), peaks=latent_image.device.type == "cuda")
             return torch.zeros_like(latent_image)
 
-    guider = host.make_guider(patcher, positive, None, 1.0)
+    guider = host.sampling.make_guider(patcher, positive, None, 1.0)
     with torch.inference_mode(False):
         guider.sample(torch.zeros(batch, 16, side, side), latents, Measure(), torch.tensor([1.0, 0.0]), seed=0,
                       disable_pbar=True)

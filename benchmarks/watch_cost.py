@@ -58,7 +58,7 @@ class Timer:
 def run_case(name: str, overrides: dict, side: int, steps: int) -> list[object]:
     import nodes
 
-    host_preview = comfy_host.pack_module("nodes.host_preview")
+    host_preview = comfy_host.pack_module("host.preview")
     trainer_module = comfy_host.pack_module("shortcut_core.trainer")
     with torch.inference_mode():
         _, patcher = comfy_host.tiny_flux(seed=0, **overrides)

@@ -22,6 +22,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_base
 import comfy.model_patcher
+import comfy.sd
 import comfy.utils
 import comfy.weight_adapter
 
@@ -301,3 +302,8 @@ def _file_keys_of(patch_keys, key_map: Mapping[str, object], read: set[str]) -> 
     prefixes = [prefix for prefix, target in key_map.items() if target in wanted]
     keys = sorted({k for k in read for p in prefixes if k.startswith(p) and k[len(p):][:1] in (".", "_")})
     return keys or [f"<patch for {k!r}>" for k in patch_keys]
+
+
+def with_lora(model, lora_model: dict, strength: float = 1.0):
+    """A clone of the MODEL with a LORA_MODEL applied as weight patches, as the stock LoraModelLoader does."""
+    return comfy.sd.load_lora_for_models(model, None, lora_model, strength, 0)[0]

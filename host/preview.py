@@ -1,6 +1,6 @@
 """What TrainShortcut shows while it trains: few-step samples, decoded by the host's latent previewer.
 
-Part of the host adapter (with host.py): the samples come from the engine (ShortcutTrainer.sample_as),
+The samples come from the engine (ShortcutTrainer.sample_as),
 the pictures from ComfyUI's own latent previewer (TAESD or latent-to-RGB, no VAE needed), and they
 reach the node through its progress bar, the channel KSampler's previews use.
 """

@@ -1,6 +1,6 @@
 """Latents a model samples from a list of prompts, each with its own encoded conditioning, cached on disk.
 
-Part of the host adapter. Text goes through the host's own encoding (CLIP.tokenize +
+Text goes through the host's own encoding (CLIP.tokenize +
 encode_from_tokens_scheduled), images through the host's own sampler (comfy.sample.sample: the teacher's
 euler / simple, as KSampler; or comfy.sample.sample_custom with the SCFM schedule for a shortcut model),
 with one progress bar over all images, the host's latent previews and Cancel. Each image is stored as soon
@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -28,7 +28,8 @@ import latent_preview
 import node_helpers
 
 from ..shortcut_core.sample_cache import SampleCache, fingerprint
-from .host import HostInputError, require_flow_model, shortcut_euler, shortcut_sigmas
+from .checks import HostInputError, require_flow_model
+from .sampling import shortcut_euler, shortcut_sigmas
 
 log = logging.getLogger("shortcut-flow")
 
@@ -75,6 +76,16 @@ class SamplingSettings:
     schedule: str
     shift: float
     length: int = 1  # frames, for video models
+
+
+def sampling_settings(values: Mapping[str, Any]) -> SamplingSettings:
+    """The settings from Shortcut Teacher Latents' widget values (the node's and the headless command's): the shift
+    counts on the shortcut schedule alone."""
+    return SamplingSettings(width=values["width"], height=values["height"], steps=values["steps"],
+                            guidance=values["guidance"], cfg=values["cfg"], negative_prompt=values["negative_prompt"],
+                            seed=values["seed"], schedule=values["schedule"],
+                            shift=values["shift"] if values["schedule"] == SHORTCUT_SCHEDULE else 0.0,
+                            length=values.get("length", 1))
 
 
 def _settings_key(settings: SamplingSettings) -> dict:

@@ -1,4 +1,4 @@
-"""The pack's nodes: thin classes over shortcut_core, reaching ComfyUI through the host adapter (host.py, host_lora.py)."""
+"""The pack's nodes: thin declarations; the work is the host adapter's (host/), over the engine (shortcut_core/)."""
 
 from .lora_loader import ShortcutLoRALoader
 from .sampler import ShortcutSampler, ShortcutScheduler

@@ -63,13 +63,13 @@ class StopRequest:
 
 
 class HeadlessProgress:
-    """Train Shortcut's progress hook off the graph (the trainer's own tqdm bar shows the steps): the plan and
+    """The command's RunReporter (host/run.py) (the trainer's own tqdm bar shows the steps): the plan and
     the calibration printed by process 0, and the stop request of any process, seen by all at the same step."""
 
     def __init__(self, stop: StopRequest, parallel=None, device: torch.device | None = None):
         self.stop, self.parallel, self.device = stop, parallel, device or torch.device("cpu")
 
-    def __call__(self, report) -> None:
+    def step(self, report) -> None:
         stop = self.stop.requested
         if self.parallel is not None:
             stop = self.parallel.any(stop, self.device)
@@ -145,114 +145,6 @@ def build_parser():
     return parser
 
 
-# ---------------------------------------------------------------------------------------------- models and data
-def _model_name(folder: str, value: str, argument: str) -> str:
-    """A model folder's file name for a name or a path (a path's folder is added to ComfyUI's search paths)."""
-    import folder_paths
-    path = Path(value).expanduser()
-    if path.is_file():
-        folder_paths.add_model_folder_path(folder, str(path.parent.resolve()))
-        return path.name
-    if value not in folder_paths.get_filename_list(folder):
-        raise SystemExit(f"{argument}: {value!r} is neither a file nor in ComfyUI's {folder} folders "
-                         f"({', '.join(folder_paths.get_folder_paths(folder))})")
-    return value
-
-
-def load_models(args):
-    """(MODEL, CLIP, VAE or None) through ComfyUI's own loader nodes."""
-    import nodes
-    (model,) = nodes.UNETLoader().load_unet(_model_name("diffusion_models", args.unet, "--unet"), args.weight_dtype)
-    names = [_model_name("text_encoders", c, "--clip") for c in args.clip]
-    if len(names) == 2:
-        (clip,) = nodes.DualCLIPLoader().load_clip(names[0], names[1], args.clip_type)
-    elif len(names) == 1:
-        (clip,) = nodes.CLIPLoader().load_clip(names[0], args.clip_type)
-    else:
-        raise SystemExit("--clip: give one text encoder, or two for Flux (clip_l and t5xxl)")
-    vae = None
-    if args.vae:
-        (vae,) = nodes.VAELoader().load_vae(_model_name("vae", args.vae, "--vae"))
-    return model, clip, vae
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-def image_caption_pairs(folder: Path) -> list[tuple[Path, str]]:
-    """Every image in `folder` with the caption in its same-named .txt file (sorted by name)."""
-    if not folder.is_dir():
-        raise SystemExit(f"--images: {folder} is not a folder")
-    pairs, missing = [], []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption = image.with_suffix(".txt")
-        if caption.is_file():
-            pairs.append((image, caption.read_text(encoding="utf-8").strip()))
-        else:
-            missing.append(image.name)
-    if missing:
-        raise SystemExit(f"--images: {len(missing)} image(s) have no caption file, e.g. {missing[0]} needs "
-                         f"{Path(missing[0]).stem}.txt beside it")
-    if not pairs:
-        raise SystemExit(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return pairs
-
-
-def dataset_from_images(folder: Path, clip, vae, guidance: float):
-    import numpy as np
-    from PIL import Image
-
-    import node_helpers
-    import nodes
-    pairs = image_caption_pairs(folder)
-    if vae is None:
-        raise SystemExit("--images needs --vae to encode the images")
-    sizes = {Image.open(p).size for p, _ in pairs}
-    if len(sizes) > 1:
-        raise SystemExit(f"--images: the images have {len(sizes)} sizes {sorted(sizes)}; resize them to one size")
-    latents, positive = [], []
-    for path, caption in pairs:
-        pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)[None]
-        latents.append(nodes.VAEEncode().encode(vae, pixels)[0]["samples"])
-        (conditioning,) = nodes.CLIPTextEncode().encode(clip, caption)
-        positive += node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})
-    return torch.cat(latents), positive
-
-
-def dataset_from_prompts(args, model, clip, parallel):
-    """The teacher's samples (Shortcut Teacher Latents): process 0 makes and caches them, the others read them."""
-    from . import host_teacher
-    from .host_teacher import SHORTCUT_SCHEDULE, SamplingSettings
-    teacher = {name: getattr(args, dest) for dest, name in args._groups["teacher"]}
-    settings = SamplingSettings(width=teacher["width"], height=teacher["height"], steps=teacher["steps"],
-                                guidance=teacher["guidance"], cfg=teacher["cfg"],
-                                negative_prompt=teacher["negative_prompt"], seed=teacher["seed"],
-                                schedule=teacher["schedule"],
-                                shift=teacher["shift"] if teacher["schedule"] == SHORTCUT_SCHEDULE else 0.0,
-                                length=teacher["length"])
-    if not args.prompts.is_file():
-        raise SystemExit(f"--prompts: {args.prompts} is not a file")
-    lines = host_teacher.parse_prompts(args.prompts.read_text(encoding="utf-8"))
-    host_teacher.check_settings(lines, settings, model.get_model_object("latent_format"))
-
-    def make():
-        return host_teacher.PromptLatents(model, clip, settings, teacher["cache"] or parallel is not None).make(
-            lines, teacher["per_prompt"], teacher["batch_size"])
-
-    # the teacher's negative goes on to training when it sampled with true CFG (cfg 0 there: the family's)
-    keep_negative = teacher["cfg"] > 1.0
-    if parallel is None:
-        latents, positive, negative = make()
-        return latents, positive, negative if keep_negative else None
-    import torch.distributed as dist
-    if parallel.rank == 0:
-        made = make()
-    dist.barrier()
-    if parallel.rank != 0:
-        made = make()  # every image is in the cache now
-    return made[0], made[1], made[2] if keep_negative else None
-
-
 # ---------------------------------------------------------------------------------------------- the run
 def start_distributed():
     """A DataParallel when started by torchrun with more than one process, else None."""
@@ -271,19 +163,21 @@ def start_distributed():
 
 def main(argv: list[str] | None = None, models=None) -> int:
     """Parse, load, train. `models` = (MODEL, CLIP, VAE) skips the loaders (tests build tiny models)."""
-    from . import host
-    from .train import TrainShortcut
+    from ..host.loaders import dataset_from_images, dataset_from_prompts, load_models
+    from ..host.settle import finish_run, settle_run
+    from ..host.training import train_in_graph
     args = build_parser().parse_args(argv)
     parallel = start_distributed()
+    group = {name: {input_name: getattr(args, dest) for dest, input_name in pairs}
+             for name, pairs in args._groups.items()}
     try:
-        model, clip, vae = models if models is not None else load_models(args)
+        model, clip, vae = models if models is not None else load_models(args.unet, args.weight_dtype, args.clip,
+                                                                           args.clip_type, args.vae)
         if args.images is not None:
             latents, positive = dataset_from_images(args.images, clip, vae, args.guidance)
             negative = None
         else:
-            latents, positive, negative = dataset_from_prompts(args, model, clip, parallel)
-        values = {name: getattr(args, dest) for dest, name in args._groups["train"]}
-        options = {name: getattr(args, dest) for dest, name in args._groups["options"]}
+            latents, positive, negative = dataset_from_prompts(args.prompts, group["teacher"], model, clip, parallel)
         if parallel is not None and parallel.rank != 0:
             import comfy.utils
             comfy.utils.PROGRESS_BAR_ENABLED = False  # one bar, process 0's
@@ -291,21 +185,23 @@ def main(argv: list[str] | None = None, models=None) -> int:
         # latents made so far stay cached)
         stop = StopRequest()
         try:
-            out = TrainShortcut().train(model=model, latents={"samples": latents}, positive=positive, negative=negative,
-                                        options=options,
-                                        progress=HeadlessProgress(stop, parallel, model.load_device),
-                                        parallel=parallel, files=(args.unet,), **values)
-        except TrainingStopped as e:
-            if parallel is None or parallel.rank == 0:
-                folder = os.path.dirname(host.output_paths(values["save_name"])[0])
-                print(f"{e}; the LoRA and its .train_state are in {folder}: resume with --resume_lora <the LoRA's "
-                      f"file name>", file=sys.stderr)
-            return 130
+            settled = settle_run(model, latents, positive, negative, group["train"], group["options"],
+                                 files=(args.unet,), reporter=HeadlessProgress(stop, parallel, model.load_device),
+                                 parallel=parallel)
+            try:
+                outcome = train_in_graph(settled.model, settled.latents, settled.positive, settled.negative,
+                                         settled.run)
+            except TrainingStopped as e:
+                if settled.writer:
+                    print(f"{e}; the LoRA and its .train_state are in {os.path.dirname(settled.lora_file)}: resume "
+                          f"with --resume_lora <the LoRA's file name>", file=sys.stderr)
+                return 130
+            outputs = finish_run(settled, outcome)
         finally:
             stop.restore()
-        result = out["result"] if isinstance(out, dict) else out
-        if parallel is None or parallel.rank == 0:
-            print(f"trained {result[4]} steps; recommended recipe: {result[6]} steps, shift {result[7]:.3g}")
+        if settled.writer:
+            print(f"trained {outputs.steps} steps; recommended recipe: {outputs.sample_steps} steps, shift "
+                  f"{outputs.sample_shift:.3g}")
         return 0
     finally:
         if parallel is not None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from . import host, host_lora
+from ..host.checks import require_flow_model, require_single_model, upstream_files
+from ..host.families import family_recipe
+from ..host.files import lora_names, lora_path
+from ..host.lora import load_lora_onto
 from .inputs import checked_inputs
 
 log = logging.getLogger("shortcut-flow")
 
 # What a LoRA without our metadata (e.g. the authors' released files) is sampled with: the paper's defaults, at the
-# shift the model samples at (the paper's 3.25 for Flux: nodes/host.py family_recipe).
+# shift the model samples at (the paper's 3.25 for Flux: host/families.py family_recipe).
 PAPER_STEPS, PAPER_STRENGTH = 3, 1.0
 
 
@@ -20,7 +23,7 @@ class ShortcutLoRALoader:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The flow-matching model the LoRA was made for (Flux, SD3.5, ...)."}),
-                "lora_name": (host.lora_names(), {"tooltip": "A shortcut LoRA in models/loras: the authors' diffusers "
+                "lora_name": (lora_names(), {"tooltip": "A shortcut LoRA in models/loras: the authors' diffusers "
                                                              "files, this pack's files, kohya or ComfyUI-style files."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 4.0, "step": 0.01,
                                        "tooltip": "LoRA strength. 1.0-1.75 is usual; fewer steps want more "
@@ -44,12 +47,12 @@ class ShortcutLoRALoader:
 
     @checked_inputs
     def load(self, model, lora_name, strength, unique_id=None, prompt=None):
-        host.require_flow_model(model)
-        host.require_single_model(model, host.upstream_files(prompt, unique_id))
-        patched, report = host_lora.load_lora_onto(model, host.lora_path(lora_name), strength)
+        require_flow_model(model)
+        require_single_model(model, upstream_files(prompt, unique_id))
+        patched, report = load_lora_onto(model, lora_path(lora_name), strength)
         meta = report.metadata
         steps = meta.steps if meta.steps is not None else PAPER_STEPS
-        shift = meta.shift if meta.shift is not None else host.family_recipe(model).schedule["sample_shift"]
+        shift = meta.shift if meta.shift is not None else family_recipe(model).schedule["sample_shift"]
         cfg = (meta.config or {}).get("extra", {}).get("cfg")
         recommended = meta.strength if meta.strength is not None else PAPER_STRENGTH
         text = (f"{lora_name}: {report.patched_weights} weights patched from {report.matched_keys} keys; "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..shortcut_core.schedules import packed_token_count
-from . import host
+from ..host.checks import require_single_model, upstream_files
+from ..host.families import token_count
+from ..host.sampling import sample_shortcut, shortcut_sigmas
 from .inputs import checked_inputs
 
 DEFAULT_SHIFT = 3.25  # the authors' sampling default for Flux at 1024 px
@@ -56,10 +58,10 @@ class ShortcutSampler:
     @checked_inputs
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
                unique_id=None, prompt=None):
-        host.require_single_model(model, host.upstream_files(prompt, unique_id))
-        sigmas = host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
-                                      tokens=host.token_count(model, tuple(latent_image["samples"].shape[1:])))
-        return (host.sample(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)
+        require_single_model(model, upstream_files(prompt, unique_id))
+        sigmas = shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
+                                 tokens=token_count(model, tuple(latent_image["samples"].shape[1:])))
+        return (sample_shortcut(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)
 
 
 class ShortcutScheduler:
@@ -87,5 +89,5 @@ class ShortcutScheduler:
     @checked_inputs
     def get_sigmas(self, steps, shift, denoise, resolution_shift, width, height):
         # An 8x VAE latent of this image size in 2 x 2 patches (Flux, SD3): only its token count matters.
-        return (host.shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
-                                     tokens=packed_token_count((16, height // 8, width // 8))),)
+        return (shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
+                                tokens=packed_token_count((16, height // 8, width // 8))),)

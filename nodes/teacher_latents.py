@@ -3,8 +3,7 @@ ready for TrainShortcut (the paper's data-free route); with the shortcut schedul
 
 from __future__ import annotations
 
-from . import host_teacher
-from .host_teacher import SHORTCUT_SCHEDULE, TEACHER_SCHEDULE, SamplingSettings
+from ..host.teacher import SCHEDULES, TEACHER_SCHEDULE, PromptLatents, check_settings, parse_prompts, sampling_settings
 from .inputs import checked_inputs
 
 
@@ -41,7 +40,7 @@ class ShortcutTeacherLatents:
                 "cache": ("BOOLEAN", {"default": True, "tooltip": "Keep every image and its conditioning in "
                                       "output/shortcut_teacher_cache: a re-run or a run after Cancel makes only "
                                       "what is missing."}),
-                "schedule": (list(host_teacher.SCHEDULES), {
+                "schedule": (list(SCHEDULES), {
                     "default": TEACHER_SCHEDULE,
                     "tooltip": "teacher: euler on the model's own (simple) schedule, as KSampler. shortcut: euler "
                                "on the SCFM schedule with the shift below, for a model with a shortcut LoRA."}),
@@ -67,11 +66,10 @@ class ShortcutTeacherLatents:
     @checked_inputs
     def make(self, model, clip, prompts, per_prompt, width, height, steps, guidance, cfg, negative_prompt, seed,
              batch_size, cache, schedule, shift, length=1):
-        lines = host_teacher.parse_prompts(prompts)
-        settings = SamplingSettings(width=width, height=height, steps=steps, guidance=guidance, cfg=cfg,
-                                    negative_prompt=negative_prompt, seed=seed, schedule=schedule,
-                                    shift=shift if schedule == SHORTCUT_SCHEDULE else 0.0, length=length)
-        host_teacher.check_settings(lines, settings, model.get_model_object("latent_format"))
-        latents, positive, negative = host_teacher.PromptLatents(model, clip, settings, cache).make(
-            lines, per_prompt, batch_size)
+        lines = parse_prompts(prompts)
+        settings = sampling_settings(dict(width=width, height=height, steps=steps, guidance=guidance, cfg=cfg,
+                                          negative_prompt=negative_prompt, seed=seed, schedule=schedule, shift=shift,
+                                          length=length))
+        check_settings(lines, settings, model.get_model_object("latent_format"))
+        latents, positive, negative = PromptLatents(model, clip, settings, cache).make(lines, per_prompt, batch_size)
         return ({"samples": latents}, positive, negative)

@@ -66,7 +66,7 @@ def start_comfyui() -> tuple[Path | None, str]:
         import nodes  # noqa: F401
     except Exception as e:  # missing Python requirements of ComfyUI itself
         result = (None, f"ComfyUI at {root} ({how}) cannot be imported here: {type(e).__name__}: {e}. "
-                        f"Install its requirements (see README, 'Host tests').")
+                        f"Install its requirements (see docs/testing.md).")
         _state["result"] = result
         return result
     if not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(root):
@@ -149,7 +149,7 @@ def load_pack():
 
 
 def pack_module(name: str):
-    """A submodule of the loaded pack, e.g. pack_module('nodes.host')."""
+    """A submodule of the loaded pack, e.g. pack_module('host.training')."""
     import importlib
 
     pack = load_pack()

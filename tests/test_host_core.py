@@ -88,7 +88,7 @@ def test_training_on_comfy_flux_leaves_the_model_and_stock_sampling_unchanged(fl
         return inner(x, t, guidance=guidance, **extra)
 
     with ShortcutTrainer(net, velocity, latents, cfg, blocks=list(net.double_blocks) + list(net.single_blocks)) as trainer:
-        result = trainer.train(progress=False)
+        result = trainer.run(progress=False)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     # guidance is drawn per item in [0, 7.5); each step's target passes (no grad, run first, on
     # subsets of the batch) see only the values its student pass (with grad, whole batch) sees

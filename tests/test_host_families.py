@@ -124,11 +124,11 @@ def test_the_saved_lora_loads_through_our_and_the_stock_loader_alike(trained):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_the_token_count_follows_each_networks_own_patch(name, pack):
     """The tokens the resolution shift is taken of (ShortcutSampler, the trainer, the memory plan)."""
-    host = comfy_host.pack_module("nodes.host")
+    families = comfy_host.pack_module("host.families")
     family = comfy_host.FAMILIES[name]
     with torch.inference_mode():
         _, patcher = family.build(seed=1)
-    assert host.token_count(patcher, family.latent) == TOKENS[name]
+    assert families.token_count(patcher, family.latent) == TOKENS[name]
 
 
 @pytest.mark.parametrize("name", ["flux", "hunyuan_video", "chroma"])

@@ -15,7 +15,8 @@ from test_host_nodes import node, train_node
 
 @pytest.fixture()
 def host(pack):
-    return comfy_host.pack_module("nodes.host")
+    comfy_host.pack_module("host.families"), comfy_host.pack_module("host.checks")
+    return comfy_host.pack_module("host")
 
 
 def _built(builder, **kwargs):
@@ -26,25 +27,25 @@ def _built(builder, **kwargs):
 def test_flux_keeps_the_papers_recipe_and_other_families_get_it_scaled_to_their_own_shift(host):
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux, ModelSamplingSD3
 
-    flux = host.family_recipe(_built(comfy_host.tiny_flux))
+    flux = host.families.family_recipe(_built(comfy_host.tiny_flux))
     assert flux.family == "Flux" and flux.guidance_draw and flux.cfg == 1.0
     assert flux.schedule == {"shift_min": 2.5, "shift_max": 4.5, "resolution_shift_prob": 0.1, "sample_shift": 3.25}
 
     wan = _built(comfy_host.tiny_wan)
-    recipe = host.family_recipe(wan)
+    recipe = host.families.family_recipe(wan)
     assert recipe.family == "WAN21" and not recipe.guidance_draw and recipe.cfg == 5.0
     assert recipe.schedule == {"shift_min": 6.1538, "shift_max": 11.0769, "resolution_shift_prob": 0.0,
                                "sample_shift": 8.0}  # the paper's U[2.5, 4.5] around 3.25, scaled to 8
     # a ModelSampling node before ours counts: the recipe follows the shift the model now samples at
     (shifted,) = ModelSamplingSD3().patch(wan, shift=5.0)
-    assert host.family_recipe(shifted).schedule["sample_shift"] == 5.0 and host.family_recipe(wan).model_shift == 8.0
+    assert host.families.family_recipe(shifted).schedule["sample_shift"] == 5.0 and host.families.family_recipe(wan).model_shift == 8.0
 
-    sd3 = host.family_recipe(_built(comfy_host.tiny_sd3))
+    sd3 = host.families.family_recipe(_built(comfy_host.tiny_sd3))
     assert (sd3.family, sd3.cfg, sd3.schedule["sample_shift"], sd3.schedule["resolution_shift_prob"]) == ("SD3", 3.5,
                                                                                                           3.0, 0.0)
     # Flux at 512 px through ModelSamplingFlux samples at e^mu with a smaller mu: the draw moves with it
     (small,) = ModelSamplingFlux().patch(_built(comfy_host.tiny_flux), 1.15, 0.5, 512, 512)
-    recipe = host.family_recipe(small)
+    recipe = host.families.family_recipe(small)
     assert recipe.schedule["sample_shift"] < 3.0 and math.isclose(recipe.model_shift, recipe.schedule["sample_shift"],
                                                                    rel_tol=1e-3)
 
@@ -78,16 +79,42 @@ def test_train_shortcut_uses_the_family_recipe_for_knobs_left_at_the_papers_valu
     assert not list(lora_dir.glob("diffusers*"))
 
 
+def test_auto_is_an_explicit_value_and_a_0_4_0_workflow_keeps_the_family_recipe(host, lora_dir):
+    """The schedule knobs default to "auto" (the family's); a typed value is used as typed, also the paper's
+    Flux values; a workflow saved by 0.4.0, whose widgets hold the old defaults in all four, still gets the
+    family's recipe, as it did then."""
+    from shortcut_core import load_lora
+
+    wan = _built(comfy_host.tiny_wan, seed=1)
+    g = torch.Generator().manual_seed(2)
+    positive = [[torch.randn(1, 16, 32, generator=g), {}]]
+    latents = {"samples": torch.randn(2, 16, 2, 4, 4, generator=g)}
+
+    def schedule(name, **overrides):
+        train_node(wan, positive, latents, steps=1, checkpoint_every=0, save_name=name, **overrides)
+        meta = load_lora(lora_dir / f"{name}.safetensors").metadata
+        return meta.config["shift_min"], meta.config["shift_max"], meta.config["resolution_shift_prob"], meta.shift
+
+    family = (6.1538, 11.0769, 0.0, 8.0)
+    assert schedule("auto") == family
+    assert schedule("saved_by_0_4_0", shift_min=2.5, shift_max=4.5, resolution_shift_prob=0.1,
+                    sample_shift=3.25) == family
+    assert schedule("typed", shift_min=2.5) == (2.5, 11.0769, 0.0, 8.0)
+    assert schedule("typed_prob", resolution_shift_prob=0.1) == (6.1538, 11.0769, 0.1, 8.0)
+    assert schedule("typed_all_but_one", shift_min=2.5, shift_max=4.5, resolution_shift_prob=0.1,
+                    sample_shift=3.0) == (2.5, 4.5, 0.1, 3.0)
+
+
 def test_one_expert_of_wan_2_2_a14b_is_refused_by_the_files_the_graph_loads(host):
     wan = _built(comfy_host.tiny_wan)
     for name in ("wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors",
                  "Wan2.2-T2V-A14B-HighNoise-Q4_K_M.gguf", "sub/wan2_2_t2v_low_noise_14B.safetensors"):
         with pytest.raises(ValueError, match="model: .* is one of Wan 2.2 A14B's two experts"):
-            host.require_single_model(wan, ["clip.safetensors", name])
+            host.checks.require_single_model(wan, ["clip.safetensors", name])
     for name in ("wan2.1_t2v_14B_fp16.safetensors", "wan2.2_ti2v_5B_fp16.safetensors", "wan2.1_t2v_1.3B_fp16.safetensors"):
-        host.require_single_model(wan, [name])
+        host.checks.require_single_model(wan, [name])
     # the name alone is not enough: a Flux file called so is not a Wan expert
-    host.require_single_model(_built(comfy_host.tiny_flux), ["wan2.2_t2v_high_noise_14B.safetensors"])
+    host.checks.require_single_model(_built(comfy_host.tiny_flux), ["wan2.2_t2v_high_noise_14B.safetensors"])
 
     # the files up the MODEL chain only: not the text encoder's, not a prompt that happens to end so
     prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_t2v_low_noise_14B.safetensors"}},
@@ -97,10 +124,10 @@ def test_one_expert_of_wan_2_2_a14b_is_refused_by_the_files_the_graph_loads(host
               "3": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5.safetensors", "type": "wan"}},
               "4": {"class_type": "TrainShortcut", "inputs": {"model": ["6", 0], "positive": ["5", 0]}},
               "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["3", 0], "text": "a.safetensors"}}}
-    assert host.upstream_files(prompt, "4") == ["x.safetensors", "wan2.2_t2v_low_noise_14B.safetensors"]
-    assert host.upstream_files(prompt, "1") == [] and host.upstream_files(prompt, "6") == ["x.safetensors",
+    assert host.checks.upstream_files(prompt, "4") == ["x.safetensors", "wan2.2_t2v_low_noise_14B.safetensors"]
+    assert host.checks.upstream_files(prompt, "1") == [] and host.checks.upstream_files(prompt, "6") == ["x.safetensors",
                                                                                            "wan2.2_t2v_low_noise_14B.safetensors"]
-    assert host.upstream_files(None, "4") == [] and host.upstream_files(prompt, None) == []
+    assert host.checks.upstream_files(None, "4") == [] and host.checks.upstream_files(prompt, None) == []
 
 
 TINY_WAN_FILE = dict(comfy_host.TINY_WAN, dim=128, num_heads=1, ffn_dim=128, freq_dim=256, text_dim=4096, num_layers=1)

@@ -85,7 +85,7 @@ def pretrain(model, positive, latent: tuple[int, ...], *, steps: int, batch: int
     losses; leaves the weights frozen."""
     from shortcut_core.activation_checkpointing import checkpoint_blocks
 
-    host = comfy_host.pack_module("nodes.host")
+    families = comfy_host.pack_module("host.families")
     net = model.diffusion_model
     g = torch.Generator().manual_seed(seed)
     modes = torch.randn(4, *latent, generator=g)
@@ -98,7 +98,7 @@ def pretrain(model, positive, latent: tuple[int, ...], *, steps: int, batch: int
         noise = torch.randn(x0.shape, generator=g)
         sigma = (torch.rand(batch, generator=g) * 0.999 + 0.001).view(each)  # not 0: the velocity divides by it
         x_t = (1 - sigma) * x0 + sigma * noise
-        with checkpoint_blocks(host.repeated_blocks(net), recompute=False):
+        with checkpoint_blocks(families.repeated_blocks(net), recompute=False):
             denoised = model.apply_model(x_t, sigma.flatten(), **inputs)
             loss = torch.nn.functional.mse_loss((x_t - denoised) / sigma, noise - x0)
             optimizer.zero_grad()

@@ -28,7 +28,7 @@ UNREACHED = {"qwen_image": 8}
 @pytest.fixture(params=list(comfy_host.FAMILIES))
 def setup(request, comfyui):
     comfy_host.load_pack()
-    host = comfy_host.pack_module("nodes.host")
+    host = comfy_host.pack_module("host.training")
     from shortcut_core import LoraWeights, ShortcutConfig
     from shortcut_core.adapters import linear_module_names
 
@@ -65,7 +65,7 @@ def _gradients(host, patcher, positive, latents, init, config) -> list[torch.Ten
 
     handle = register_optimizer_step_pre_hook(record)
     try:
-        host.train(patcher, latents, positive, None, host.TrainingRun(config=config, init_lora=init))
+        host.train_in_graph(patcher, latents, positive, None, host.TrainingRun(config=config, init_lora=init))
     finally:
         handle.remove()
     assert len(seen) == 1

@@ -27,7 +27,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def host(comfyui):
-    return comfy_host.pack_module("nodes.host_lora")
+    return comfy_host.pack_module("host.lora")
 
 
 @pytest.fixture(scope="module")

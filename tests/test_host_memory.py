@@ -17,10 +17,10 @@ SMALL = dict(hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=1, depth
 @pytest.fixture()
 def plans(pack, monkeypatch):
     """Every memory plan TrainShortcut makes, in order."""
-    host = comfy_host.pack_module("nodes.host")
+    training = comfy_host.pack_module("host.training")
     made = []
-    check = host.check_memory
-    monkeypatch.setattr(host, "check_memory", lambda *a, **k: made.append(check(*a, **k)) or made[-1])
+    check = training.check_memory
+    monkeypatch.setattr(training, "check_memory", lambda *a, **k: made.append(check(*a, **k)) or made[-1])
     return made
 
 
@@ -50,33 +50,33 @@ def test_the_plan_is_within_ten_percent_of_a_real_runs_allocations(pack, lora_di
 
 def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_would(flux, lora_dir, plans, monkeypatch):
     import comfy.model_management
-    host = comfy_host.pack_module("nodes.host")
+    memory = comfy_host.pack_module("host.memory")
     patcher, positive = flux
     latents = {"samples": torch.randn(4, 16, 32, 32)}
     train_node(patcher, positive, latents, steps=1, batch_size=8, rank=16)  # a CPU: shown, not enforced
     needed = plans[-1].needed
     loads = []
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(a))
-    monkeypatch.setattr(host, "available_memory", lambda device: int(needed * 0.9))  # a GPU with less free
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(needed * 0.9))  # a GPU with less free
     with pytest.raises(ValueError, match=r"training needs about .* GB on .* but .* GB are free \(plan: .*\)\. Change "
                                          r"batch_size 8 -> \d+ \(grad_accum_steps 1 -> \d+\): .* GB; or rank 16 -> "):
         train_node(patcher, positive, latents, steps=1, batch_size=8, rank=16, save_name="refused")
     assert not loads and not list(lora_dir.glob("refused*"))  # nothing loaded, nothing written
-    monkeypatch.setattr(host, "available_memory", lambda device: needed * 2)
+    monkeypatch.setattr(memory, "available_memory", lambda device: needed * 2)
     train_node(patcher, positive, latents, steps=1, batch_size=8, rank=16, save_name="fits")
     assert (lora_dir / "fits.safetensors").is_file()
 
 
 def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, plans, monkeypatch):
     import comfy.model_management
-    host = comfy_host.pack_module("nodes.host")
+    memory = comfy_host.pack_module("host.memory")
     patcher, positive = flux
     latents = {"samples": torch.randn(4, 16, 32, 32)}
     train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="sized")
     plan = plans[-1]
     loads = []
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(k))
-    monkeypatch.setattr(host, "available_memory", lambda device: int(plan.needed - plan.weights // 2))
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(plan.needed - plan.weights // 2))
     with pytest.raises(ValueError) as refused:
         train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="refused")
     message = str(refused.value)
@@ -85,8 +85,8 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, plan
     assert not loads
     # streaming fits where the full model does not, and says how much it streams
     said = []
-    monkeypatch.setattr(host.Progress, "say", lambda self, text: said.append(text))
-    monkeypatch.setattr(host, "stream_headroom", lambda: 0)
+    monkeypatch.setattr(comfy_host.pack_module("host.progress").Progress, "say", lambda self, text: said.append(text))
+    monkeypatch.setattr(memory, "stream_headroom", lambda: 0)
     # ComfyUI keeps at least 128 MiB of a partially loaded model: more than this whole tiny model
     monkeypatch.setattr(comfy_host.pack_module("shortcut_core.memory_plan"), "STREAM_MIN_RESIDENT", 0)
     train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="streamed", stream_weights=True)

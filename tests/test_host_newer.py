@@ -178,8 +178,8 @@ def test_a_cancel_inside_a_forward_keeps_the_last_whole_step(flux, lora_dir, mon
     import comfy.model_management
     from shortcut_core import load_lora
     patcher, positive = flux
-    progress = comfy_host.pack_module("nodes.host").Progress
-    report_step = progress.__call__
+    progress = comfy_host.pack_module("host.progress").Progress
+    report_step = progress.step
     armed = []
 
     def after_step(self, report):
@@ -195,7 +195,7 @@ def test_a_cancel_inside_a_forward_keeps_the_last_whole_step(flux, lora_dir, mon
     model = patcher.clone()
     model.set_model_unet_function_wrapper(wrapper)
     with monkeypatch.context() as patch, pytest.raises(comfy.model_management.InterruptProcessingException):
-        patch.setattr(progress, "__call__", after_step)
+        patch.setattr(progress, "step", after_step)
         train_node(model, positive, latents(), steps=5, checkpoint_every=0, save_name="cut")
     assert load_lora(lora_dir / "cut.safetensors").metadata.config["trained_steps"] == 2
     _, resumed, _, _, _, _, _, _ = train_node(patcher, positive, latents(), steps=4, save_name="cut",

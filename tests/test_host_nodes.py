@@ -193,15 +193,15 @@ def cancel_after_step(monkeypatch, step: int) -> None:
     not through the progress bar's hook, whose updates newer hosts throttle (a test must not depend on
     when the bar reaches a step)."""
     import comfy.model_management
-    progress = comfy_host.pack_module("nodes.host").Progress
-    report_step = progress.__call__
+    progress = comfy_host.pack_module("host.progress").Progress
+    report_step = progress.step
 
     def pressed(self, report):
         if report.step == step:
             comfy.model_management.interrupt_current_processing(True)
         report_step(self, report)
 
-    monkeypatch.setattr(progress, "__call__", pressed)
+    monkeypatch.setattr(progress, "step", pressed)
 
 
 def test_cancel_during_training_keeps_a_checkpoint_and_leaves_the_model_untouched(flux, lora_dir, monkeypatch):
@@ -264,7 +264,7 @@ def test_lora_loader_outputs_the_files_recipe_or_the_papers_defaults(flux, lora_
     from safetensors.torch import load_file, save_file
     from shortcut_core import LoraWeights
     from shortcut_core.adapters import linear_module_names
-    host_lora = comfy_host.pack_module("nodes.host_lora")
+    host_lora = comfy_host.pack_module("host.lora")
     lora_file = comfy_host.pack_module("shortcut_core.lora_file")
     patcher, _, _ = flux
     net = patcher.model.diffusion_model
@@ -289,7 +289,8 @@ def test_lora_loader_outputs_the_files_recipe_or_the_papers_defaults(flux, lora_
 
 
 def test_every_knob_of_the_config_has_exactly_one_input_with_the_papers_default(pack):
-    """TrainShortcut shows what a user sets on every run; Shortcut Training Options holds the rest."""
+    """TrainShortcut shows what a user sets on every run; Shortcut Training Options holds the rest. A knob the
+    model family sets for itself defaults to its explicit "auto" value instead (the family's recipe)."""
     import dataclasses
     from shortcut_core import ShortcutConfig
     train = type(node("TrainShortcut")).INPUT_TYPES()["required"]
@@ -306,6 +307,9 @@ def test_every_knob_of_the_config_has_exactly_one_input_with_the_papers_default(
         value = getattr(defaults, field.name)
         if field.name == "target_modules":
             assert value is None and spec[field.name][1]["default"] == ""
+        elif field.metadata["knob"].auto is not None:
+            auto = field.metadata["knob"].auto
+            assert spec[field.name][1]["default"] == auto and spec[field.name][1]["min"] <= auto, field.name
         elif len(names) == 2:
             assert tuple(spec[n][1]["default"] for n in names) == tuple(value)
         else:

@@ -32,7 +32,7 @@ def _random_lora(network, rank=2):
 def test_a_non_flow_model_is_refused_by_the_loader_too(flux, lora_dir):
     import nodes
     patcher, _ = flux
-    comfy_host.pack_module("nodes.host_lora").save_host_lora(lora_dir / "x.safetensors",
+    comfy_host.pack_module("host.lora").save_host_lora(lora_dir / "x.safetensors",
                                                              _random_lora(patcher.model.diffusion_model))
     (eps,) = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(patcher, "v_prediction", False)
     with pytest.raises(ValueError, match="model: .*predicts V_PREDICTION, not a flow velocity.*Flux, SD3"):
@@ -63,7 +63,7 @@ def test_latents_of_mixed_sizes(flux, lora_dir):
 def test_a_lora_for_another_architecture_is_refused_and_partial_matches_are_listed(flux, lora_dir):
     from safetensors.torch import load_file, save_file
     patcher, _ = flux
-    host_lora = comfy_host.pack_module("nodes.host_lora")
+    host_lora = comfy_host.pack_module("host.lora")
     _, sd3 = comfy_host.tiny_sd3()
     host_lora.save_host_lora(lora_dir / "sd3.safetensors", _random_lora(sd3.model.diffusion_model))
     with pytest.raises(ValueError, match="matched nothing in this model"):
@@ -88,7 +88,7 @@ def test_damaged_or_foreign_files_are_refused_with_the_file_named(flux, lora_dir
         torch.save({"weights": Trap()}, path)
         expected = "is a pickle/zip checkpoint .*not loaded because unpickling can run code"
     else:
-        comfy_host.pack_module("nodes.host_lora").save_host_lora(path, _random_lora(patcher.model.diffusion_model))
+        comfy_host.pack_module("host.lora").save_host_lora(path, _random_lora(patcher.model.diffusion_model))
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x13" * 64)
         expected = "is not a readable safetensors file .*truncated or corrupt"
@@ -127,7 +127,7 @@ def test_sampler_numbers_out_of_range(flux, change, message):
 
 def test_loader_and_trainer_numbers_out_of_range(flux, lora_dir):
     patcher, positive = flux
-    comfy_host.pack_module("nodes.host_lora").save_host_lora(lora_dir / "x.safetensors",
+    comfy_host.pack_module("host.lora").save_host_lora(lora_dir / "x.safetensors",
                                                              _random_lora(patcher.model.diffusion_model))
     with pytest.raises(ValueError, match="strength: 9.0 is out of range; use a value from 0.0 to 4.0"):
         node("ShortcutLoRALoader").load(patcher, "x.safetensors", 9.0)
@@ -142,7 +142,7 @@ def test_loader_and_trainer_numbers_out_of_range(flux, lora_dir):
 # ------------------------------------------------------------------------------------------ failures mid-run
 def _other_models(patcher, lora_dir):
     """Two other MODEL outputs sharing the network: a plain clone and one with a LoRA, and what they sample."""
-    comfy_host.pack_module("nodes.host_lora").save_host_lora(lora_dir / "other.safetensors",
+    comfy_host.pack_module("host.lora").save_host_lora(lora_dir / "other.safetensors",
                                                              _random_lora(patcher.model.diffusion_model))
     with_lora = node("ShortcutLoRALoader").load(patcher, "other.safetensors", 0.5)["result"][0]
     return [patcher.clone(), with_lora]

@@ -90,8 +90,8 @@ def test_train_shortcut_lowers_the_teachers_three_step_error(teacher, tmp_path):
     assert after < 0.8 * before
 
     # A poorer strength is never chosen over a better one: measured again through the nodes, on other noises.
-    host = comfy_host.pack_module("nodes.host")
-    by_strength = {s: _rmse(_samples(host.with_lora(patcher, lora, s), positive, 3, shift=chosen.shift), reference)
+    host_lora = comfy_host.pack_module("host.lora")
+    by_strength = {s: _rmse(_samples(host_lora.with_lora(patcher, lora, s), positive, 3, shift=chosen.shift), reference)
                    for s in (1.0, 1.25, 1.5, 1.75)}
     print("independent 3-step RMSE by strength at shift", chosen.shift, by_strength)
     assert by_strength[chosen.strength] <= 1.05 * min(by_strength.values())

@@ -45,7 +45,7 @@ def make(model, clip, prompts=PROMPTS, **overrides):
 
 
 def test_prompts_are_one_per_line_without_blanks_and_comments(pack):
-    parse = comfy_host.pack_module("nodes.host_teacher").parse_prompts
+    parse = comfy_host.pack_module("host.teacher").parse_prompts
     assert parse(PROMPTS) == ["a red cube", "a blue sphere on grass", "a green cone"]
     assert parse("\n # only a comment\n\n") == []
 
@@ -62,7 +62,7 @@ def test_one_conditioning_per_latent_in_order_from_the_hosts_own_encoding_and_sa
         assert torch.equal(positive[i][0], encoded[0]) and positive[i][1]["guidance"] == 3.5
         assert torch.equal(positive[i][1]["pooled_output"], encoded[1]["pooled_output"])
     # each image is what the stock KSampler makes from its prompt and its own seed
-    seed = comfy_host.pack_module("nodes.host_teacher").image_seed(0, "a blue sphere on grass", 1)
+    seed = comfy_host.pack_module("host.teacher").image_seed(0, "a blue sphere on grass", 1)
     (stock,) = nodes.KSampler().sample(patcher, seed, 4, 1.0, "euler", "simple", [positive[3]], [negative[3]],
                                        {"samples": torch.zeros(1, 16, 8, 8)})
     # (sampled in a batch of two here, alone there: float32 kernels round differently with the batch size)
@@ -143,14 +143,14 @@ def test_prompts_of_different_lengths_train_and_the_shortcut_schedule_compares(t
     model, lora, loss, _, steps, _, _, _ = train_node(patcher, positive, latents, steps=2, rank=4)
     assert steps == 2 and all(torch.isfinite(torch.tensor(loss["loss"])))
     # the trained model on the SCFM schedule, same prompts and seeds: ShortcutSampler's result image for image
-    host = comfy_host.pack_module("nodes.host")
-    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    sampling = comfy_host.pack_module("host.sampling")
+    host_teacher = comfy_host.pack_module("host.teacher")
     fast, _, _ = make(model, clip, prompts="a red cube", per_prompt=1, steps=3, schedule=host_teacher.SHORTCUT_SCHEDULE,
                       shift=2.0)
     assert sampler_calls[-1] == "sample_custom"
     seed = host_teacher.image_seed(0, "a red cube", 0)
-    expected = host.sample(model, [positive[0]], None, {"samples": torch.zeros(1, 16, 8, 8)}, seed=seed,
-                           sigmas=host.shortcut_sigmas(3, 2.0))
+    expected = sampling.sample_shortcut(model, [positive[0]], None, {"samples": torch.zeros(1, 16, 8, 8)},
+                                        seed=seed, sigmas=sampling.shortcut_sigmas(3, 2.0))
     assert torch.equal(fast["samples"], expected["samples"])
 
 

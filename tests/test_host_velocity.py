@@ -18,7 +18,8 @@ import comfy_host
 def host(comfyui):
     comfy_host.load_builtin_nodes()
     comfy_host.load_pack()
-    return comfy_host.pack_module("nodes.host")
+    comfy_host.pack_module("host.sampling"), comfy_host.pack_module("host.velocity")
+    return comfy_host.pack_module("host")
 
 
 def _in_guider(host, model, positive, negative, cfg, latents, fn):
@@ -32,7 +33,7 @@ def _in_guider(host, model, positive, negative, cfg, latents, fn):
             return torch.zeros_like(latent_image)
 
     capture = Capture()
-    guider = host.make_guider(model, positive, negative, cfg)
+    guider = host.sampling.make_guider(model, positive, negative, cfg)
     guider.sample(torch.zeros_like(latents), latents, capture, torch.tensor([1.0, 0.0]), seed=0, disable_pbar=True)
     return capture.result
 
@@ -46,7 +47,7 @@ def _compare(host, model, positive, negative, cfg, guidance=None):
     t = torch.tensor([0.9, 0.5, 0.2, 0.05])
 
     def ours(model_wrap, extra_args):
-        velocity = host.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, cfg,
+        velocity = host.velocity.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, cfg,
                                             extra_args["model_options"], extra_args["seed"])
         return velocity(x, t, item=items, guidance=guidance)
 
@@ -98,7 +99,7 @@ def test_one_conditioning_serves_every_latent_and_wrong_counts_are_refused(host)
     latents = torch.randn(3, 16, 8, 8)
 
     def build(model_wrap, extra_args, count):
-        return host.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, 1.0,
+        return host.velocity.ConditionedVelocity(model_wrap.inner_model, model_wrap.conds, count, 1.0,
                                         extra_args["model_options"], 0)
 
     velocity = _in_guider(host, patcher, positive, None, 1.0, latents, lambda mw, ea: build(mw, ea, 3))

@@ -21,18 +21,18 @@ def wan(pack):
 
 
 def test_the_token_count_follows_each_networks_own_patch(wan, flux):
-    host = comfy_host.pack_module("nodes.host")
+    families = comfy_host.pack_module("host.families")
     patcher, _ = wan
-    assert host.token_count(patcher, (16, 3, 8, 8)) == 3 * 4 * 4  # Wan: (1, 2, 2) over T, H, W
-    assert host.token_count(patcher, (16, 3, 9, 9)) == 3 * 5 * 5  # padded to the patch, as its patchify pads
-    assert host.token_count(flux[0], (16, 8, 8)) == 16  # Flux: 2 x 2 over H, W
+    assert families.token_count(patcher, (16, 3, 8, 8)) == 3 * 4 * 4  # Wan: (1, 2, 2) over T, H, W
+    assert families.token_count(patcher, (16, 3, 9, 9)) == 3 * 5 * 5  # padded to the patch, as its patchify pads
+    assert families.token_count(flux[0], (16, 8, 8)) == 16  # Flux: 2 x 2 over H, W
 
 
 def test_an_image_into_a_video_model_is_one_frame_and_video_into_an_image_model_is_refused(wan, flux, lora_dir):
     """As the host's own samplers do (fix_empty_latent_channels): [B, C, H, W] into Wan trains as [B, C, 1, H, W]."""
-    host = comfy_host.pack_module("nodes.host")
+    families = comfy_host.pack_module("host.families")
     patcher, positive = wan
-    assert host.token_count(patcher, (16, 8, 8)) == 16  # one frame of 4 x 4 patches
+    assert families.token_count(patcher, (16, 8, 8)) == 16  # one frame of 4 x 4 patches
     _, _, loss, _, _, _, _, _ = train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=1,
                                            save_name="one_frame")
     assert torch.isfinite(torch.tensor(loss["loss"])).all()

@@ -175,7 +175,7 @@ def test_workflows_follow_their_recipes(mappings):
     assert train["options"] == [options_id, 0] and options["alpha"] == 64.0 and options["t_skip"] == 2
 
     c = prompts["flux_data_free_distill.json"]
-    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    host_teacher = comfy_host.pack_module("host.teacher")
     [(train_id, train)] = _recipe(c, "TrainShortcut")
     makers = dict(_recipe(c, "ShortcutTeacherLatents"))
     data = makers[train["latents"][0]]
@@ -193,7 +193,7 @@ def _check_the_comparison(prompt, train_id, training_prompts, teacher_steps):
     """A data-free workflow's comparison: held-out prompts, same seed, the teacher at its data's steps vs the
     trained model at its recipe, both at the training data's cfg, negative and size, stitched side by side
     (teacher left) and saved."""
-    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    host_teacher = comfy_host.pack_module("host.teacher")
     train = prompt[train_id]["inputs"]
     makers = dict(_recipe(prompt, "ShortcutTeacherLatents"))
     data = makers[train["latents"][0]]
@@ -228,7 +228,7 @@ def _model_chain(prompt, link):
 def _check_the_teacher_data(prompt, train_id, steps, min_prompts):
     """Train Shortcut's latents, their conditionings and negatives all come from one Shortcut Teacher Latents node,
     which samples the model being trained on the teacher schedule at the training cfg."""
-    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    host_teacher = comfy_host.pack_module("host.teacher")
     train = prompt[train_id]["inputs"]
     data_id = train["latents"][0]
     data = prompt[data_id]["inputs"]
@@ -446,7 +446,7 @@ LOADERS = {"UNETLoader": 0, "CLIPLoader": 1, "DualCLIPLoader": 1, "VAELoader": 2
 def _shrunk(prompt: dict) -> dict:
     """The workflow's prompt at a size a CPU runs in seconds: its loaders one tiny-model node, 64 px, 5 frames
     for video, 2 sampling steps, the first two prompts of each list, 2 training steps; its wiring as it is."""
-    host_teacher = comfy_host.pack_module("nodes.host_teacher")
+    host_teacher = comfy_host.pack_module("host.teacher")
     out = {"loader": {"class_type": "TinyLoaderForTests", "inputs": {}}}
     for node_id, node in prompt.items():
         if node["class_type"] in LOADERS:
