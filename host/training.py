@@ -47,8 +47,6 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
         config = run.config
         velocity = ConditionedVelocity(base, model_wrap.conds, count, run.cfg, extra_args["model_options"],
                                        extra_args.get("seed"))
-        if config.guidance_range is not None and not velocity.takes_guidance:
-            config = config.replace(guidance_range=None)  # no distilled guidance input (schnell, SD3.5, Chroma): nothing to draw
         network = base.diffusion_model
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
                              init_lora=run.init_lora, blocks=repeated_blocks(network),

@@ -30,7 +30,8 @@ class ConditionedVelocity:
     `conds` are the guider's encoded conditioning lists: one entry per training latent, or one
     shared entry. Each call batches the entries of `item` with the host's own COND concatenation
     (cross-attention lengths padded as the host pads them) and runs the host's sampling_function.
-    A per-item `guidance` replaces the conditioning's Flux guidance (the trainer's draw).
+    A per-item `guidance` replaces the conditioning's Flux guidance (the trainer's draw) where the network embeds
+    one (`takes_guidance`); a settled run draws none elsewhere (host/settle.py).
     """
 
     def __init__(self, model, conds: dict[str, list[dict]], count: int, cfg: float, model_options: dict,
@@ -91,7 +92,7 @@ class ConditionedVelocity:
         for key, first in chosen[0]["model_conds"].items():
             # concat makes new tensors outside inference mode: autograd may save them
             model_conds[key] = first._copy_with(_to_device(first.concat([c["model_conds"][key] for c in chosen[1:]]), device))
-        if guidance is not None and "guidance" in model_conds:
+        if guidance is not None and self.takes_guidance:
             model_conds["guidance"] = model_conds["guidance"]._copy_with(guidance.to(device, torch.float32))
         return [{"model_conds": model_conds, "uuid": chosen[0].get("uuid")}]
 
