@@ -4,6 +4,7 @@ before any weight moves (shown, or refused with settings that fit), and the rese
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 
@@ -21,23 +22,24 @@ from .run import TrainingRun
 log = logging.getLogger("shortcut-flow")
 
 
-def model_shape(model, target_modules=None, stored_itemsize: int | None = None, lora_layers: str = "all") -> ModelShape:
-    """What the memory plan needs of a MODEL, read off its network (stored_itemsize: as if stored so)."""
+def model_shape(model, target_modules=None, lora_layers: str = "all") -> ModelShape:
+    """What the memory plan needs of a MODEL, read off its network."""
     network = model.model.diffusion_model
     blocks = repeated_blocks(network)
     stored = network.dtype if hasattr(network, "dtype") else next(network.parameters()).dtype
     compute = getattr(model.model, "manual_cast_dtype", None) or stored
     weight_bytes = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
-    if stored_itemsize is not None:
-        weight_bytes = weight_bytes * stored_itemsize // stored.itemsize
     hidden = next((m.in_features for b in blocks[:1] for m in b.modules() if isinstance(m, torch.nn.Linear)), 0)
-    shapes = [(network.get_submodule(n).in_features, network.get_submodule(n).out_features)
-              for n in lora_target_names(network, target_modules, lora_layers, blocks)]
     return ModelShape(weight_bytes=weight_bytes, block_kinds=tuple(type(b).__name__ for b in blocks),
                       block_params=tuple(sum(p.numel() for p in b.parameters()) for b in blocks), hidden=hidden,
-                      compute_bytes=torch.empty(0, dtype=compute).element_size() if stored_itemsize is None
-                      else max(stored_itemsize, torch.empty(0, dtype=compute).element_size()),
-                      stored_bytes=stored_itemsize or stored.itemsize, lora_params=lora_fan(shapes))
+                      compute_bytes=torch.empty(0, dtype=compute).element_size(), stored_bytes=stored.itemsize,
+                      lora_params=lora_params(network, blocks, target_modules, lora_layers))
+
+
+def lora_params(network: torch.nn.Module, blocks, target_modules, lora_layers: str) -> int:
+    """LoRA parameters at rank 1 on the layers a run targets (ModelShape.lora_params)."""
+    return lora_fan([(network.get_submodule(n).in_features, network.get_submodule(n).out_features)
+                     for n in lora_target_names(network, target_modules, lora_layers, blocks)])
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -76,9 +78,12 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
         if run.reporter is not None:
             run.reporter.say(shown)
         return plan
-    fp8 = (model_shape(model, config.target_modules, stored_itemsize=1, lora_layers=config.lora_layers)
+    # the same model stored in fp8 (computing as before), and with LoRA on its blocks alone
+    fp8 = (dataclasses.replace(shape, weight_bytes=shape.weight_bytes // shape.stored_bytes, stored_bytes=1)
            if shape.stored_bytes > 1 else None)
-    blocks = (model_shape(model, config.target_modules, lora_layers="blocks")
+    network = model.model.diffusion_model
+    blocks = (dataclasses.replace(shape, lora_params=lora_params(network, repeated_blocks(network),
+                                                                 config.target_modules, "blocks"))
               if config.lora_layers == "all" and shape.block_kinds else None)
     options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8,
                           blocks, stream_headroom())
