@@ -10,6 +10,8 @@ _HOST_MODULES = {"comfy", "comfy_api", "folder_paths", "latent_preview", "node_h
 
 NODE_CLASS_MAPPINGS: dict = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+# The frontend extension (web/shortcut_flow.js): the nodes' final text stays in the node after the run.
+WEB_DIRECTORY = "./web"
 
 if __package__:  # imported as the pack's package, as ComfyUI does
     try:
@@ -20,4 +22,4 @@ if __package__:  # imported as the pack's package, as ComfyUI does
 # Imported as a lone file (pytest does that to the pack folder when its name is no Python
 # identifier, e.g. `shortcut-flow`), there is no package to import `.nodes` from.
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

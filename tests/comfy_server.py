@@ -27,22 +27,27 @@ PACK_NAME = "shortcut-flow"
 PACK_DIR = Path(os.environ.get("SHORTCUT_FLOW_PACK_DIR") or PROJECT_ROOT).resolve()
 # Beside it, a tiny Flux as a loader node, so that the frontend can run a training on a CPU.
 TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
+# The frontend the server serves: the one the host's requirements pin (unset), or another build's static folder
+# (`comfyui-frontend-package` installed with pip --target: <target>/comfyui_frontend_package/static), served with
+# ComfyUI's own --front-end-root. CI runs the browser tests with both (docs/testing.md).
+FRONTEND_ROOT = os.environ.get("SHORTCUT_FLOW_FRONTEND_ROOT") or None
 CHROMIUM = "/usr/bin/chromium"
 # The flags of a browser that must stay on this machine: nothing in the background phones home.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-# Frontend settings of a user who has used ComfyUI before: no first-run template browser over the canvas,
-# node text drawn at any zoom (the screenshots are read), and the two canvas-navigation values already set.
-# Without the last two, frontend 1.27.10 throws on every start of a new profile ("Cannot read properties of
-# undefined (reading 'id')": its NavigationMode setting writes them before they are registered), whatever
-# custom nodes are installed; with them any page error is ours to explain.
+# Frontend settings of a user who has used ComfyUI before: no first-run template browser over the canvas
+# (Comfy.TutorialCompleted, in 1.27.10 and in 1.58.1 alike), no minimap over the screenshots, and the two
+# canvas-navigation values already set. Without the last two, frontend 1.27.10 throws on every start of a new
+# profile ("Cannot read properties of undefined (reading 'id')": its NavigationMode setting writes them before
+# they are registered), whatever custom nodes are installed; with them any page error is ours to explain.
+# Everything else is at its default, the node text's level of detail included: what a user sees.
 SCREENSHOTS: list[str] = []  # saved by the browser tests, printed at the end of the run
+FRONTEND_VERSION = [""]  # the frontend the browser tests met (window.__COMFYUI_FRONTEND_VERSION__)
 
 USER_SETTINGS = {
     "Comfy.TutorialCompleted": True,
     "Comfy.Canvas.LeftMouseClickBehavior": "panning",
     "Comfy.Canvas.MouseWheelScroll": "zoom",
-    "LiteGraph.Canvas.MinFontSizeForLOD": 0,
     "Comfy.Minimap.Visible": False,
     # Its Missing Models check races the frontend's own loading of a model folder (ModelFolder.load returns
     # an empty folder while another caller is loading it) and lists present files as missing under load;
@@ -90,8 +95,9 @@ def _stop(process: subprocess.Popen, grace: float = 15.0) -> None:
 class ComfyServer:
     """`with ComfyServer(comfyui_root, base_dir) as server:` a running server at server.url."""
 
-    def __init__(self, comfyui_root: Path, base_dir: Path, start_timeout: float = 240.0):
+    def __init__(self, comfyui_root: Path, base_dir: Path, start_timeout: float = 240.0, settings: dict | None = None):
         self.root, self.base_dir, self.start_timeout = Path(comfyui_root), Path(base_dir), start_timeout
+        self.settings = USER_SETTINGS if settings is None else settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "server.log"
@@ -106,7 +112,7 @@ class ComfyServer:
                 link.symlink_to(target, target_is_directory=True)
         settings = self.base_dir / "user" / "default" / "comfy.settings.json"
         settings.parent.mkdir(parents=True, exist_ok=True)
-        settings.write_text(json.dumps(USER_SETTINGS), encoding="utf-8")
+        settings.write_text(json.dumps(self.settings), encoding="utf-8")
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -121,6 +127,8 @@ class ComfyServer:
                    "--base-directory", str(self.base_dir), "--disable-auto-launch",
                    # the database would otherwise be written into the ComfyUI tree itself
                    "--database-url", "sqlite:///:memory:"]
+        if FRONTEND_ROOT:
+            command += ["--front-end-root", str(Path(FRONTEND_ROOT).resolve())]
         self.process = subprocess.Popen(command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -150,8 +158,8 @@ class ComfyServer:
 
 
 @contextlib.contextmanager
-def chromium(origin: str):
-    """A headless Chromium (playwright) whose pages may only reach `origin`: every other request is
+def chromium(*origins: str):
+    """A headless Chromium (playwright) whose pages may only reach `origins`: every other request is
     aborted, so a test never sends traffic off this machine."""
     from playwright.sync_api import sync_playwright
 
@@ -159,7 +167,7 @@ def chromium(origin: str):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
         try:
             context = browser.new_context(viewport={"width": 1920, "height": 1080})
-            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(origin)
+            context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(origins)
                           else route.abort())
             yield context
         finally:

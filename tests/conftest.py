@@ -58,7 +58,9 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if comfy_server.SCREENSHOTS:  # the browser tests ran
-        terminalreporter.write_line(f"browser tests: ComfyUI's server ran the pack from {comfy_server.PACK_DIR}")
+        terminalreporter.write_line(f"browser tests: ComfyUI's server ran the pack from {comfy_server.PACK_DIR}, "
+                                    f"frontend {comfy_server.FRONTEND_VERSION[0] or '?'} "
+                                    f"({comfy_server.FRONTEND_ROOT or 'the one the host pins'})")
     for shot in comfy_server.SCREENSHOTS:
         terminalreporter.write_line(f"frontend screenshot: {shot}")
     path, _ = comfy_host.find_comfyui()

@@ -1,5 +1,8 @@
 """The pack in ComfyUI's real server and real frontend, as a user meets it (marker `browser`).
 
+Run with the frontend the host pins, or with another build (SHORTCUT_FLOW_FRONTEND_ROOT: its static folder;
+CI runs both, docs/testing.md). Every check holds for each.
+
 ComfyUI's own main.py serves the pack from a temporary --base-directory; its HTTP API must list every
 node with a tooltip on every input and every workflow as a template; then headless Chromium opens
 each workflow, fetched from the template route the templates browser uses, in the real frontend and
@@ -39,10 +42,21 @@ def server(comfyui, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server, mappings):
+def bare_server(comfyui, tmp_path_factory):
+    """A new user's server: none of the workflows' model files but the LoRA (which a user trains or brings), and
+    the frontend's Missing Models check on, as it is by default."""
+    base = tmp_path_factory.mktemp("comfyui-bare")
+    comfy_server.place_model_files(base, {"loras": MODEL_FILES["loras"]}, INPUT_SUBFOLDERS)
+    settings = {k: v for k, v in comfy_server.USER_SETTINGS.items() if k != "Comfy.Workflow.ShowMissingModelsWarning"}
+    with comfy_server.ComfyServer(comfyui, base, settings=settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(server, bare_server, mappings):
     # `mappings` loads ComfyUI's nodes in this process with asyncio.run, which cannot run inside the event
     # loop playwright's sync API keeps: it is loaded before the browser starts.
-    with comfy_server.chromium(server.url) as context:
+    with comfy_server.chromium(server.url, bare_server.url) as context:
         yield context
 
 
@@ -83,6 +97,11 @@ def test_every_model_a_workflow_names_is_listed_by_the_server(server):
         assert name in listed, f"{directory}/{name}: not listed by the server ({sorted(listed)})"
 
 
+def _screenshots(tmp_path_factory):
+    """A folder for this run's screenshots, named by the frontend that drew them (CI keeps each run's apart)."""
+    return tmp_path_factory.mktemp(f"screenshots-frontend-{comfy_server.FRONTEND_VERSION[0] or 'pinned'}")
+
+
 def _open_app(browser, url: str):
     page = browser.new_page()
     page_errors: list[str] = []
@@ -94,6 +113,7 @@ def _open_app(browser, url: str):
             if message.type == "error" and not message.text.startswith("Failed to load resource") else None)
     page.goto(url, timeout=60_000)
     page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=APP_READY_MS)
+    comfy_server.FRONTEND_VERSION[0] = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__ || ''")
     return page, page_errors, console_errors
 
 
@@ -113,7 +133,12 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
         }""", f"{server.url}{TEMPLATES}/{path.name}")
         page.wait_for_timeout(500)  # let the canvas draw before the screenshot
 
-        shot = tmp_path_factory.mktemp("screenshots") / f"{path.stem}.png"
+        # Readable where it opens, at the frontend's default level of detail: below about 8 px of text the
+        # canvas draws nodes as grey boxes (LiteGraph.Canvas.MinFontSizeForLOD; 1.58 at the old 55% zoom).
+        view = page.evaluate("() => [window.app.canvas.low_quality, window.app.canvas.ds.scale]")
+        assert view[0] is False, f"the workflow opens at zoom {view[1]}, where the frontend draws no node text"
+
+        shot = _screenshots(tmp_path_factory) / f"{path.stem}.png"
         page.screenshot(path=str(shot))
         comfy_server.SCREENSHOTS.append(str(shot))
         comfy_server.keep_docs_screenshot(shot)
@@ -128,7 +153,8 @@ def test_workflow_opens_in_the_real_frontend(path, server, browser, mappings, tm
         for node in workflow["nodes"]:
             got = by_id[node["id"]]
             assert got["type"] == node["type"]
-            assert got.get("widgets_values") == node.get("widgets_values"), \
+            # a node without widgets: 1.27 saves [], 1.58 no widgets_values at all
+            assert (got.get("widgets_values") or []) == (node.get("widgets_values") or []), \
                 f"node {node['id']} ({node['type']}): the frontend's widget values differ from the file's"
 
         # Training shows what a user sets on every run; the rest is on Shortcut Training Options.
@@ -196,8 +222,10 @@ def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_r
     try:
         page.evaluate("async (prompt) => { await window.app.loadApiJson(prompt, 'training'); }", TRAINING_PROMPT)
         page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+        # the node's text: its result (web/shortcut_flow.js) once it ran, its progress text while it runs
         node_state = """() => window.app.graph._nodes.map(n => [n.type, (n.imgs || []).length,
-            ((n.widgets || []).find(w => w.name === '$$node-text-preview') || {}).value || ''])"""
+            ((n.widgets || []).find(w => w.name === 'shortcut_flow_result')
+             || (n.widgets || []).find(w => w.name === '$$node-text-preview') || {}).value || ''])"""
         # polled once a second: polling on every animation frame would take the CPU the server trains on
         # done when both previews show, or at once when the server refused the prompt (a missing input, ...) or
         # a node failed
@@ -207,7 +235,7 @@ def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_r
                                timeout=240_000, polling=1000)
         assert not page.evaluate(f"() => {refused}"), page.evaluate(
             "() => JSON.stringify([window.app.lastNodeErrors, window.app.lastExecutionError])")
-        shot = tmp_path_factory.mktemp("screenshots") / "training_run.png"
+        shot = _screenshots(tmp_path_factory) / "training_run.png"
         page.screenshot(path=str(shot))
         comfy_server.SCREENSHOTS.append(str(shot))
         comfy_server.keep_docs_screenshot(shot)
@@ -218,5 +246,58 @@ def test_a_training_run_in_the_real_frontend_shows_previews_and_the_calibrated_r
         assert len(list((server.base_dir / "output" / "shortcut_teacher_cache").glob("*.safetensors"))) == 6
         assert not page_errors, "the frontend threw:\n" + "\n\n".join(page_errors)
         assert not console_errors, "the frontend logged errors:\n" + "\n".join(console_errors)
+    finally:
+        page.close()
+
+
+# What each frontend shows of the models a workflow names that the server lacks: 1.58 a notice ("N issues found")
+# whose View details opens the workflow overview's Missing Models group; 1.27 a Missing Models dialog.
+MISSING_MODELS_SHOWN = """() => !!(Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'View details')
+    || Array.from(document.querySelectorAll('.p-dialog')).find(d => d.innerText.includes('Missing Models')))"""
+MISSING_MODELS_TEXT = """async () => {
+    const notice = Array.from(document.querySelectorAll('button')).find(b => b.innerText.trim() === 'View details');
+    if (notice) {
+        const issues = notice.closest('div[role], div').parentElement.innerText;
+        notice.click();
+        for (let i = 0; i < 50 && !document.querySelector('[data-testid="error-group-missing-model"]'); i++)
+            await new Promise(resolve => setTimeout(resolve, 100));
+        const group = document.querySelector('[data-testid="error-group-missing-model"]');
+        return [issues, group ? group.innerText : ''];
+    }
+    const dialog = Array.from(document.querySelectorAll('.p-dialog')).find(d => d.innerText.includes('Missing Models'));
+    return [dialog.innerText, dialog.innerText];
+}"""
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_a_new_user_is_offered_a_download_for_every_model_and_nothing_else(path, bare_server, browser):
+    """Opened on a server without the models, the frontend lists each model file the workflow names, each with a
+    download entry (its loader's properties.models), and no other issue."""
+    workflow = load(path)
+    expected = sorted(m["name"] for node in workflow["nodes"] for m in node.get("properties", {}).get("models", []))
+    page, page_errors, _ = _open_app(browser, bare_server.url)
+    try:
+        # the workflow restored from the last page of this browser may have opened its own dialog: closed first
+        page.wait_for_timeout(1000)
+        for _ in range(5):
+            if not page.evaluate("() => document.querySelectorAll('.p-dialog').length"):
+                break
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(300)
+        page.evaluate("""async (url) => {
+            const workflow = await (await fetch(url)).json();
+            await window.app.loadGraphData(workflow);
+        }""", f"{bare_server.url}{TEMPLATES}/{path.name}")
+        page.wait_for_function(MISSING_MODELS_SHOWN, timeout=30_000, polling=200)
+        issues, listed = page.evaluate(MISSING_MODELS_TEXT)
+        lines = [line.strip() for line in listed.splitlines() if line.strip()]
+        names = sorted(line.split(" / ")[-1] for line in lines if line.lower().endswith(MODEL_SUFFIXES))
+        downloads = [line for line in lines if line == "Download" or line.startswith("Download (")]
+        assert names == expected, f"the frontend lists {names}; the workflow names {expected}:\n{listed}"
+        assert len(downloads) == len(expected), f"not every model has a download entry:\n{listed}"
+        if "issues found" in issues:  # 1.58 counts every issue of the workflow in its notice
+            assert f"{len(expected)} issues found" in issues, f"other issues than the models: {issues}"
+        assert not page_errors, "the frontend threw:\n" + "\n\n".join(page_errors)
     finally:
         page.close()
