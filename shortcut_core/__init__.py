@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from .activation_checkpointing import checkpoint_blocks
-from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
+from .calibration import Calibration, Recipe, calibrate_recipe, search_recipes
 from .checkpoint import CheckpointWriteError
 from .adapters import (BASE, EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        linear_module_names)

@@ -1,21 +1,39 @@
-"""Which few-step recipe (steps, LoRA strength, shift) a trained shortcut LoRA samples best with.
+"""Which few-step recipe (LoRA strength, shift) a trained shortcut LoRA samples best with, per step count.
 
 The authors' advice is qualitative: fewer steps want a higher strength, within [1, 1.75]; a lower
 shift sharpens but may add artifacts, a higher one keeps structure but blurs. Here it is measured:
 the student's few-step samples from held-out noises are compared with the teacher's many-step
-samples from the same noises (the trajectories the student should shortcut), over a small grid.
+samples from the same noises (the trajectories the student should shortcut).
+
+The best recipe often lies far from the training shift (on small teachers well below it), so the
+search is wide and follows the optimum: for each step count, a line of shifts on a log scale from
+well below to well above the LoRA's own (x1/8 to x3), extended while the best stays on an edge; then
+the strengths at that shift (0.5 to 2.5, likewise extended); then a finer shift and strength around
+the best. About 20 recipes per step count, each one few-step sampling of the held-out noises.
+
+A few held-out noises cannot tell recipes apart whose distances differ by less than their own spread, and
+chasing such differences picks a recipe by the noises drawn. So the recipe chosen for a step count is, of those
+the measurement cannot tell from the closest (paired over the same noises: a mean difference within one
+standard error, the classic one-standard-error rule), the one nearest the LoRA's own (shift and strength in
+steps of the search's lines).
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-STRENGTHS = (1.0, 1.25, 1.5, 1.75)  # the authors' safe range, in quarter steps
-SHIFT_FACTOR = 1.5                  # the shift's neighbours: shift / 1.5 and shift * 1.5
+STEP_COUNTS = (1, 2, 3, 4)              # a recipe for each of these, and for the LoRA's own step count
+SHIFT_RATIO = 1.5                       # neighbouring shifts on the line differ by this factor ...
+SHIFT_LINE = (-5, 3)                    # ... from shift * 1.5^-5 (x0.13) to shift * 1.5^3 (x3.4)
+STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)   # the strength line
+STRENGTH_STEP = 0.5                     # an edge that stays the best is extended by this ...
+STRENGTH_RANGE = (0.25, 4.0)            # ... within this range
+WIDENINGS = 4                           # at most this many points beyond each edge of a line
+TIE_SE = 1.0                            # mean paired differences within this many standard errors are ties (the "one standard error" rule)
 
 
 @dataclass(frozen=True)
@@ -25,65 +43,167 @@ class Recipe:
     shift: float
 
 
-def recipe_grid(steps: int, shift: float, strengths: Sequence[float] = STRENGTHS,
-                shift_factor: float = SHIFT_FACTOR) -> list[Recipe]:
-    """The LoRA's own step count and twice it, each strength, the shift and its two neighbours.
-    The LoRA's own (steps, strength 1.0, shift) comes first: the baseline every other is measured against."""
-    shifts = (shift, shift / shift_factor, shift * shift_factor)
-    return [Recipe(n, float(s), float(h)) for n, s, h in itertools.product((steps, 2 * steps), strengths, shifts)]
-
-
 def sample_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
     """Root mean square difference over all elements."""
     return float((samples.double() - reference.double()).pow(2).mean().sqrt())
 
 
+def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The mean square difference of each sample (the first dimension) to its reference."""
+    return (samples.double() - reference.double()).pow(2).flatten(1).mean(1)
+
+
+def rms(errors: torch.Tensor) -> float:
+    """The root mean square difference over all samples, from their squared_errors."""
+    return float(errors.mean().sqrt())
+
+
+def choose(rows: Sequence[tuple[Recipe, torch.Tensor]], own: Recipe) -> Recipe:
+    """Of recipes measured on the same noises (their squared_errors), the one nearest `own` among those the
+    measurement cannot tell from the closest (a paired mean difference within TIE_SE standard errors)."""
+    best, best_errors = min(rows, key=lambda row: float(row[1].mean()))
+
+    def tied(errors: torch.Tensor) -> bool:
+        difference = errors - best_errors
+        spread = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
+        return float(difference.mean()) <= TIE_SE * spread
+
+    def away(recipe: Recipe) -> float:
+        return (abs(math.log(recipe.shift / own.shift)) / math.log(SHIFT_RATIO)
+                + abs(recipe.strength - own.strength) / STRENGTH_STEP)
+
+    return min((recipe for recipe, errors in rows if tied(errors)), key=lambda r: (away(r), float(
+        dict(rows)[r].mean())))
+
+
+def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift: float,
+                   step_counts: Sequence[int] = STEP_COUNTS) -> list[tuple[Recipe, torch.Tensor]]:
+    """Every recipe measured (each once: its squared_errors over the held-out noises), the LoRA's own (steps,
+    strength 1, shift) first: for each step count, the shift line at strength 1, extended while its best is on
+    an edge; the strength line at the best shift, likewise; then the half-way shifts and quarter strengths
+    around the best."""
+    measured: dict[Recipe, torch.Tensor] = {}
+
+    def at(n: int, strength: float, s: float) -> float:
+        recipe = Recipe(n, round(float(strength), 6), round(float(s), 6))
+        if recipe not in measured:
+            measured[recipe] = measure(recipe)
+        return rms(measured[recipe])
+
+    def follow(values: list[float], score: Callable[[float], float], below: Callable[[float], float | None],
+               above: Callable[[float], float | None]) -> float:
+        """The best of a line, extending it while its best is at an end (at most WIDENINGS times each way)."""
+        line = sorted(values)
+        for _ in range(2 * WIDENINGS + 1):
+            best = min(line, key=score)
+            extra = below(line[0]) if best == line[0] else above(line[-1]) if best == line[-1] else None
+            if extra is None or extra in line:
+                return best
+            line = sorted(line + [extra])
+        return min(line, key=score)
+
+    at(steps, 1.0, shift)  # the baseline every other recipe is measured against
+    for n in sorted({steps, *step_counts}, key=lambda k: (k != steps, k)):
+        lo, hi = SHIFT_LINE
+        widened = {"below": 0, "above": 0}
+
+        def further(edge: float, way: str, factor: float) -> float | None:
+            if widened[way] >= WIDENINGS:
+                return None
+            widened[way] += 1
+            return edge * factor
+
+        # one Euler step goes from t_max to 0 whatever the shift: only its strength is searched
+        best_shift = shift if n == 1 else follow(
+            [shift * SHIFT_RATIO ** k for k in range(lo, hi + 1)], lambda s: at(n, 1.0, s),
+            lambda e: further(e, "below", 1 / SHIFT_RATIO), lambda e: further(e, "above", SHIFT_RATIO))
+        best_strength = follow(
+            list(STRENGTHS), lambda g: at(n, g, best_shift),
+            lambda e: e - STRENGTH_STEP if e - STRENGTH_STEP >= STRENGTH_RANGE[0] else None,
+            lambda e: e + STRENGTH_STEP if e + STRENGTH_STEP <= STRENGTH_RANGE[1] else None)
+        half = math.sqrt(SHIFT_RATIO)
+        if n > 1:
+            best_shift = min((best_shift / half, best_shift, best_shift * half), key=lambda s: at(n, best_strength, s))
+        quarter = STRENGTH_STEP / 2
+        for strength in (best_strength - quarter, best_strength + quarter):  # measured into the table
+            if STRENGTH_RANGE[0] <= strength <= STRENGTH_RANGE[1]:
+                at(n, strength, best_shift)
+    return list(measured.items())
+
+
 @dataclass
 class Calibration:
-    """Measured distance of every grid recipe; `best` is the closest at the LoRA's own step count
-    (twice the steps is shown, not chosen: it would buy quality with the speed the LoRA is for)."""
+    """Measured distance (rms) of every recipe tried; `best_for(n)` is the recipe chosen at n steps (`chosen`;
+    in files written before it, the closest), `best` the one at the LoRA's own step count (its first row's)."""
     table: list[tuple[Recipe, float]]
     reference_steps: int
     samples: int
+    chosen: dict[int, Recipe] | None = None
 
     @property
     def baseline(self) -> tuple[Recipe, float]:
         return self.table[0]
 
+    def best_for(self, steps: int) -> tuple[Recipe, float]:
+        rows = [(r, d) for r, d in self.table if r.steps == steps]
+        if not rows:
+            raise KeyError(f"no recipe was measured at {steps} steps (measured: {self.step_counts})")
+        if self.chosen and steps in self.chosen:
+            return self.chosen[steps], dict(rows)[self.chosen[steps]]
+        return min(rows, key=lambda pair: pair[1])
+
     @property
     def best(self) -> tuple[Recipe, float]:
-        steps = self.baseline[0].steps
-        return min(((r, d) for r, d in self.table if r.steps == steps), key=lambda pair: pair[1])
+        return self.best_for(self.baseline[0].steps)
+
+    @property
+    def step_counts(self) -> list[int]:
+        return sorted({r.steps for r, _ in self.table})
+
+    def recipes(self) -> dict[int, Recipe]:
+        """The best recipe for every step count measured."""
+        return {n: self.best_for(n)[0] for n in self.step_counts}
 
     def to_dict(self) -> dict[str, Any]:
         return {"metric": "rms distance to the teacher's samples", "reference_steps": self.reference_steps,
                 "samples": self.samples,
-                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table]}
+                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table],
+                "recipes": {str(n): {"strength": r.strength, "shift": r.shift} for n, r in self.recipes().items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        """Also a file written before per-step recipes (its table holds the steps it measured)."""
         table = [(Recipe(int(n), float(s), float(h)), float(d)) for n, s, h, d in data["table"]]
-        return cls(table=table, reference_steps=int(data["reference_steps"]), samples=int(data["samples"]))
+        chosen = {int(n): Recipe(int(n), float(r["strength"]), float(r["shift"]))
+                  for n, r in data.get("recipes", {}).items()}
+        return cls(table=table, reference_steps=int(data["reference_steps"]), samples=int(data["samples"]),
+                   chosen=chosen or None)
 
     def text(self) -> str:
-        """The table as a user reads it in a narrow node: per step count, strength down and shift across."""
+        """What a user reads in a narrow node: the recipe chosen, then the best recipe per step count."""
         best, best_distance = self.best
         base, base_distance = self.baseline
+        shifts = [r.shift for r, _ in self.table]
+        strengths = [r.strength for r, _ in self.table]
         lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}",
                  f"rms {best_distance:.4f} (strength 1, shift {base.shift:.3g}: {base_distance:.4f})",
-                 f"rms to the teacher's {self.reference_steps}-step samples, {self.samples} held-out noises:"]
-        for steps in sorted({r.steps for r, _ in self.table}):
-            rows = [(r, d) for r, d in self.table if r.steps == steps]
-            shifts = sorted({r.shift for r, _ in rows})
-            lines.append(f"{steps} steps, shift " + " ".join(f"{h:>6.3g}" for h in shifts))
-            for strength in sorted({r.strength for r, _ in rows}):
-                cells = {r.shift: d for r, d in rows if r.strength == strength}
-                lines.append(f"  strength {strength:<4g} " + " ".join(f"{cells[h]:>6.4f}" for h in shifts))
+                 f"best per step count, rms to the teacher's",
+                 f"{self.reference_steps}-step samples, {self.samples} held-out noises:"]
+        for n in self.step_counts:
+            recipe, distance = self.best_for(n)
+            lines.append(f"{n:>2} step{'s' if n > 1 else ' '} strength {recipe.strength:<4g} shift "
+                         f"{recipe.shift:<6.3g} rms {distance:.4f}")
+        lines.append(f"{len(self.table)} recipes: shift {min(shifts):.3g}-{max(shifts):.3g}, "
+                     f"strength {min(strengths):g}-{max(strengths):g}")
         return "\n".join(lines)
 
 
-def calibrate_recipe(sample: Callable[[Recipe], torch.Tensor], reference: torch.Tensor, grid: Sequence[Recipe],
-                     reference_steps: int) -> Calibration:
-    """Measure `sample(recipe)` against `reference` for every recipe of the grid (baseline first)."""
-    table = [(recipe, sample_distance(sample(recipe), reference)) for recipe in grid]
-    return Calibration(table=table, reference_steps=reference_steps, samples=int(reference.shape[0]))
+def calibrate_recipe(sample: Callable[[Recipe], torch.Tensor], reference: torch.Tensor, steps: int, shift: float,
+                     reference_steps: int, step_counts: Sequence[int] = STEP_COUNTS) -> Calibration:
+    """Search the recipes (search_recipes) by `sample(recipe)`'s distance to `reference`, and choose one per step
+    count (choose: the nearest the LoRA's own of those the noises cannot tell from the closest)."""
+    measured = search_recipes(lambda recipe: squared_errors(sample(recipe), reference), steps, shift, step_counts)
+    chosen = {n: choose([(r, e) for r, e in measured if r.steps == n], Recipe(n, 1.0, shift))
+              for n in sorted({r.steps for r, _ in measured})}
+    return Calibration(table=[(r, rms(e)) for r, e in measured], reference_steps=reference_steps,
+                       samples=int(reference.shape[0]), chosen=chosen)

@@ -119,7 +119,7 @@ class ShortcutConfig:
     # --- what a LoRA trained with this config recommends for sampling (written to file metadata) ---
     sample_steps: int = knob(3, "Steps the LoRA is meant for: previews, calibration and the file's recipe.", 1, None,
                              shown_on=OPTIONS, slot=4, resume=FREE, cap=100)
-    sample_shift: float = knob(3.25, "Shift the LoRA is meant for (calibration tries it and its neighbours). 0 "
+    sample_shift: float = knob(3.25, "Shift the LoRA is meant for (calibration searches around it). 0 "
                                "(auto): the shift the connected model samples at (Flux: the paper's 3.25).", 0.01,
                                None, shown_on=OPTIONS, slot=5, resume=FREE, auto=0.0, cap=100.0)
     sample_strength: float = knob(1.0, "Strength written to the file when calibrate is off.", 0.01, None,

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, lora_target_names, uniform_rank_alpha)
-from .calibration import Calibration, Recipe, calibrate_recipe, recipe_grid
+from .calibration import STEP_COUNTS, Calibration, Recipe, calibrate_recipe
 from .checkpoint import CheckpointWriteError, checkpoint_state, load_into, write_checkpoint
 from .config import ShortcutConfig
 from .data_parallel import DataParallel
@@ -356,13 +356,13 @@ class ShortcutTrainer:
                 self.adapters.set_strength(role, 1.0)
 
     def calibrate(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
-                  reference_steps: int | None = None, grid: Sequence[Recipe] | None = None) -> Calibration:
+                  reference_steps: int | None = None, step_counts: Sequence[int] = STEP_COUNTS) -> Calibration:
         """Measure the student's few-step samples against the teacher's many-step samples from the same
-        held-out noises over a recipe grid (default: around the config's sample_steps / sample_shift),
-        and keep the result: lora_metadata() then recommends the best recipe and carries the table."""
+        held-out noises, searching the recipe (strength, shift) for the config's sample_steps and each of
+        `step_counts` (calibration.search_recipes), and keep the result: lora_metadata() then recommends the
+        best recipe at sample_steps and carries the best for every step count."""
         cfg = self.config
         reference_steps = reference_steps or cfg.reference_steps
-        grid = list(grid) if grid is not None else recipe_grid(cfg.sample_steps, cfg.sample_shift)
 
         def in_batches(role: str, sigmas: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
             # forwards no larger than a training batch's: the memory the run was sized for
@@ -376,7 +376,8 @@ class ShortcutTrainer:
         def sample(recipe: Recipe) -> torch.Tensor:
             return in_batches(STUDENT, shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max), recipe.strength)
 
-        self.calibration = calibrate_recipe(sample, reference, grid, reference_steps)
+        self.calibration = calibrate_recipe(sample, reference, cfg.sample_steps, cfg.sample_shift, reference_steps,
+                                            step_counts)
         return self.calibration
 
     # ------------------------------------------------------------------ checkpoints (format: checkpoint.py)

@@ -2,40 +2,94 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from shortcut_core import LoraMetadata, ShortcutConfig, ShortcutTrainer, sample_euler, shifted_schedule
 from shortcut_core.adapters import STUDENT, TEACHER
-from shortcut_core.calibration import Calibration, Recipe, calibrate_recipe, recipe_grid, sample_distance
+from shortcut_core.calibration import Calibration, Recipe, choose, sample_distance, search_recipes
 
 from test_trainer import SHAPE, TinyVelocityNet
 
 
-def test_the_grid_holds_the_loras_recipe_first_then_strengths_shifts_and_twice_the_steps():
-    grid = recipe_grid(3, 3.0)
-    assert grid[0] == Recipe(3, 1.0, 3.0)
-    assert len(grid) == 2 * 4 * 3 and len(set(grid)) == len(grid)
-    assert {r.steps for r in grid} == {3, 6}
-    assert {r.strength for r in grid} == {1.0, 1.25, 1.5, 1.75}
-    assert {r.shift for r in grid} == {2.0, 3.0, 4.5}
+def _bowl(best_shift: dict[int, float], best_strength: dict[int, float]):
+    """A distance with one optimum per step count, in log shift and strength; counts what it measures."""
+    calls = []
+
+    def measure(recipe):  # the same squared error for each of 4 noises: no spread, so no ties
+        calls.append(recipe)
+        return torch.full((4,), (math.log(recipe.shift / best_shift[recipe.steps]) ** 2
+                                 + (recipe.strength - best_strength[recipe.steps]) ** 2 + 0.01 / recipe.steps) ** 2)
+    return measure, calls
 
 
-def test_the_best_recipe_is_the_closest_at_the_loras_own_step_count():
-    grid = recipe_grid(3, 3.0)
+def test_the_search_follows_the_optimum_past_the_edge_of_its_first_line_for_every_step_count():
+    best_shift = {1: 0.1, 2: 0.1, 3: 1.0, 4: 9.0}         # 0.1 and 9: beyond x1/8 and x3 of the LoRA's 3.0
+    best_strength = {1: 2.5, 2: 1.75, 3: 1.25, 4: 0.5}
+    measure, calls = _bowl(best_shift, best_strength)
+    table = search_recipes(measure, steps=3, shift=3.0)
+    assert table[0][0] == Recipe(3, 1.0, 3.0)              # the LoRA's own recipe first: the baseline
+    assert len(calls) == len(set(calls)) == len(table)     # each recipe measured once
+    calibration = Calibration(table=[(r, float(e.mean().sqrt())) for r, e in table], reference_steps=32, samples=4)
+    assert calibration.step_counts == [1, 2, 3, 4]
+    assert {r.shift for r, _ in table if r.steps == 1} == {3.0}  # one Euler step: the shift changes nothing
+    for n in (1, 2, 3, 4):
+        recipe, _ = calibration.best_for(n)
+        assert n == 1 or abs(math.log(recipe.shift / best_shift[n])) <= math.log(1.5) / 2 + 1e-9, (n, recipe)
+        assert abs(recipe.strength - best_strength[n]) <= 0.25 + 1e-9, (n, recipe)
+        assert len([r for r, _ in table if r.steps == n]) <= 26  # the cost: about 20 recipes per step count
+    assert min(r.shift for r, _ in table) < 3.0 * 1.5 ** -5 and max(r.shift for r, _ in table) > 3.0 * 1.5 ** 3
+
+
+def test_a_recipe_the_noises_cannot_tell_from_the_closest_gives_way_to_the_one_nearest_the_loras_own():
+    own = Recipe(3, 1.0, 1.0)
+    base = torch.linspace(0.5, 1.5, 16)
+    wobble = torch.tensor([0.1, -0.1] * 8)  # paired differences of spread 0.1: a standard error of 0.026
+    rows = [(own, base + 0.02 + wobble),                       # 0.02 worse on average than the closest: a tie
+            (Recipe(3, 1.0, 1.0 / 1.5), base + 0.01 - wobble),
+            (Recipe(3, 1.5, 1.0 / 1.5 ** 3), base)]            # the closest on average
+    assert choose(rows, own) == own
+    rows.append((Recipe(3, 2.0, 0.1), base - 0.2 + 0.1 * wobble))  # closer by far more than its spread
+    assert choose(rows, own) == Recipe(3, 2.0, 0.1)
+
+
+def test_the_search_stops_widening_where_its_range_ends():
+    measure, _ = _bowl({n: 1e-6 for n in (1, 2, 3, 4)}, {n: 10.0 for n in (1, 2, 3, 4)})
+    table = search_recipes(measure, steps=2, shift=1.0)
+    # four shifts past the line's lower end, then half a step finer; strengths up to the range's end
+    assert min(r.shift for r, _ in table) >= 1.5 ** -9.5 * 0.99 and max(r.strength for r, _ in table) == 4.0
+
+
+def test_the_best_recipe_is_the_closest_at_the_loras_own_step_count_and_each_step_count_keeps_its_own():
+    target = {Recipe(3, 1.5, 4.5): 0.1, Recipe(6, 1.0, 3.0): 0.01, Recipe(1, 2.0, 2.0): 0.3}
     reference = torch.zeros(4, 2)
-    target = {Recipe(3, 1.5, 4.5): 0.1, Recipe(6, 1.0, 3.0): 0.01}  # twice the steps is closer still
 
     def sample(recipe):
         return torch.full((4, 2), target.get(recipe, 0.5))
 
-    calibration = calibrate_recipe(sample, reference, grid, reference_steps=32)
-    assert calibration.best == (Recipe(3, 1.5, 4.5), pytest.approx(0.1))
+    table = [(r, sample_distance(sample(r), reference)) for r in [Recipe(3, 1.0, 3.0), *target, Recipe(1, 1.0, 3.0)]]
+    calibration = Calibration(table=table, reference_steps=32, samples=4)
+    assert calibration.best == (Recipe(3, 1.5, 4.5), pytest.approx(0.1))  # 6 steps is closer still, not chosen
     assert calibration.baseline == (Recipe(3, 1.0, 3.0), pytest.approx(0.5))
-    assert Calibration.from_dict(calibration.to_dict()).table == calibration.table
+    assert calibration.recipes() == {1: Recipe(1, 2.0, 2.0), 3: Recipe(3, 1.5, 4.5), 6: Recipe(6, 1.0, 3.0)}
+    data = calibration.to_dict()
+    assert data["recipes"]["1"] == {"strength": 2.0, "shift": 2.0}
+    assert Calibration.from_dict(data).table == calibration.table
     text = calibration.text()
     assert text.startswith("calibrated: 3 steps, strength 1.5, shift 4.5\nrms 0.1000 (strength 1, shift 3: 0.5000)")
-    assert "6 steps, shift" in text and max(len(line) for line in text.splitlines()) <= 64
+    assert " 1 step  strength 2    shift 2      rms 0.3000" in text and " 6 steps" in text
+    assert max(len(line) for line in text.splitlines()) <= 64
+
+
+def test_a_file_calibrated_before_per_step_recipes_still_loads():
+    old = {"metric": "rms distance to the teacher's samples", "reference_steps": 32, "samples": 16,
+           "table": [[3, 1.0, 3.25, 0.2], [3, 1.25, 2.1667, 0.15], [6, 1.0, 3.25, 0.1]]}
+    calibration = Calibration.from_dict(old)
+    assert calibration.best == (Recipe(3, 1.25, 2.1667), 0.15)
+    assert calibration.recipes() == {3: Recipe(3, 1.25, 2.1667), 6: Recipe(6, 1.0, 3.25)}
+    assert calibration.text().startswith("calibrated: 3 steps, strength 1.25, shift 2.17")
 
 
 def test_the_distance_is_the_root_mean_square_difference():
@@ -87,7 +141,7 @@ def test_sample_as_is_euler_with_the_role_and_strength_applied():
     assert not torch.allclose(student, strong)
 
 
-def test_calibrate_measures_the_grid_and_the_metadata_recommends_its_best():
+def test_calibrate_searches_every_step_count_and_the_metadata_recommends_its_best():
     torch.manual_seed(0)
     net = TinyVelocityNet()
     noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(9))
@@ -97,9 +151,11 @@ def test_calibrate_measures_the_grid_and_the_metadata_recommends_its_best():
         calibration = trainer.calibrate(noise)
         metadata = trainer.lora_metadata()
     assert calibration.reference_steps == 8 and calibration.samples == 4
-    assert len(calibration.table) == 24 and calibration.table[0][0] == Recipe(2, 1.0, 1.0)
+    assert calibration.table[0][0] == Recipe(2, 1.0, 1.0) and calibration.step_counts == [1, 2, 3, 4]
     best, distance = calibration.best
     assert distance == min(d for r, d in calibration.table if r.steps == 2)
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
+    assert metadata.calibration["recipes"]["1"] == {"strength": calibration.best_for(1)[0].strength,
+                                                    "shift": calibration.best_for(1)[0].shift}
     again = LoraMetadata.from_strings(metadata.to_strings())
     assert Calibration.from_dict(again.calibration).table == calibration.table
