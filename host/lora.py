@@ -231,12 +231,14 @@ class _RecordingDict(dict):
 
 
 def load_lora_onto(patcher: comfy.model_patcher.ModelPatcher, path: str | os.PathLike,
-                   strength: float) -> tuple[comfy.model_patcher.ModelPatcher, LoraLoadReport]:
-    """Patch a clone of `patcher` with a LoRA file through the host's own loader; the original is untouched."""
-    strength = _checked_strength(strength)
+                   strength: float | Callable[[LoraMetadata], float]) -> tuple[comfy.model_patcher.ModelPatcher,
+                                                                                LoraLoadReport]:
+    """Patch a clone of `patcher` with a LoRA file through the host's own loader; the original is untouched.
+    `strength` may be a function of the file's metadata (the strength its recipe recommends)."""
     path = os.fspath(path)
     tensors, raw_metadata = read_safetensors(path, what="LoRA file")
     metadata = LoraMetadata.from_strings(raw_metadata, path=path)
+    strength = _checked_strength(strength(metadata) if callable(strength) else strength)
 
     # The steps of comfy.sd.load_lora_for_models, with the state dict recording what was read.
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})

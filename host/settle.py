@@ -19,6 +19,7 @@ from .checks import HostInputError, check_inputs, require_single_model
 from .families import FamilyRecipe, family_recipe, resolved_cfg
 from .files import TRAIN_STATE_SUFFIX, free_output_paths, lora_path
 from .lora import read_host_lora, save_diffusers_flux, save_host_lora, to_lora_model, with_lora
+from .recipes import lora_recipes, with_recipes
 from .run import NO_RESUME, RunReporter, TrainingOutcome, TrainingRun
 from .widgets import knob_inputs, node_widgets, run_settings, settled_config
 
@@ -119,8 +120,11 @@ def finish_run(settled: SettledRun, outcome: TrainingOutcome) -> TrainOutputs:
         save_diffusers_flux(settled.lora_file[: -len(".safetensors")] + "_diffusers.safetensors", result.lora,
                             settled.model.model, result.metadata)
     lora_model = to_lora_model(result.lora)
+    # the trained MODEL carries the LoRA's recipe per step count, as Shortcut LoRA Loader's does
+    patched = with_recipes(with_lora(settled.model, lora_model, result.metadata.strength),
+                           lora_recipes(result.metadata, settled.model))
     return TrainOutputs(
-        model=with_lora(settled.model, lora_model, result.metadata.strength), lora=lora_model,
+        model=patched, lora=lora_model,
         loss={"loss": list(result.losses)},
         preview=outcome.comparison if outcome.comparison is not None else torch.zeros(1, 64, 192, 3),
         steps=result.steps, loss_plot=torch.from_numpy(loss_curve_image(result.losses))[None],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..shortcut_core.schedules import packed_token_count
 from ..host.checks import require_single_model, upstream_files
 from ..host.families import token_count
+from ..host.recipes import carried_shift
 from ..host.sampling import sample_shortcut, shortcut_sigmas
 from .inputs import checked_inputs
 
@@ -13,6 +14,12 @@ DEFAULT_SHIFT = 3.25  # the authors' sampling default for Flux at 1024 px
 _SHIFT = ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step": 0.01,
                     "tooltip": "Warps the schedule towards the noise end: t = s*u / (1 + (s-1)*u). Lower is sharper with "
                                "more artifacts, higher keeps structure but is softer. 3.25 is the authors' default."})
+# Shortcut Sampler's: 0 takes the recipe of the MODEL's shortcut LoRA for the steps set.
+_AUTO_SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
+                         "tooltip": "Warps the schedule towards the noise end: t = s*u / (1 + (s-1)*u). 0 (auto): the "
+                                    "shift the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
+                                    "Loader or Train Shortcut put it on the model), else the shift the model samples "
+                                    "at. Lower is sharper with more artifacts, higher keeps structure but is softer."})
 _RESOLUTION_SHIFT = ("BOOLEAN", {"default": False,
                                  "tooltip": "Use Flux's resolution-dependent shift e^mu (mu from the latent's token "
                                             "count) instead of the shift above."})
@@ -35,7 +42,7 @@ class ShortcutSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "The noise seed."}),
                 "steps": _STEPS,
-                "shift": _SHIFT,
+                "shift": _AUTO_SHIFT,
                 "resolution_shift": _RESOLUTION_SHIFT,
                 "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "True classifier-free guidance; needs a negative. 1.0 runs the positive "
@@ -59,6 +66,8 @@ class ShortcutSampler:
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
                unique_id=None, prompt=None):
         require_single_model(model, upstream_files(prompt, unique_id))
+        if shift == 0.0:
+            shift = carried_shift(model, steps)
         sigmas = shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                  tokens=token_count(model, tuple(latent_image["samples"].shape[1:])))
         return (sample_shortcut(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)

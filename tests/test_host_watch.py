@@ -63,7 +63,7 @@ def test_the_preview_output_is_the_final_comparison(flux, lora_dir):
 
 def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flux, lora_dir):
     from shortcut_core import load_lora
-    from shortcut_core.calibration import Calibration
+    from shortcut_core.calibration import Calibration, Recipe
     patcher, positive = flux
     out = type(node("TrainShortcut"))
     _, lora, _, _, _, _, recipe_steps, recipe_shift = train_node(patcher, positive, latents(), steps=2, calibrate=True,
@@ -74,8 +74,9 @@ def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flu
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
     assert (recipe_steps, recipe_shift) == (best.steps, best.shift)  # the node's outputs, for Shortcut Sampler
     assert distance == min(d for r, d in calibration.table if r.steps == 3)
-    assert calibration.samples == 4 and calibration.reference_steps == 32 and len(calibration.table) == 24
-    assert {r.shift for r, _ in calibration.table} == {2.0, 2.0 / 1.5, 3.0}
+    assert calibration.samples == 4 and calibration.reference_steps == 32 and calibration.step_counts == [1, 2, 3, 4]
+    assert calibration.baseline[0] == Recipe(3, 1.0, 2.0)  # searched around the sample_shift set
+    assert metadata.calibration["recipes"].keys() == {"1", "2", "3", "4"}
     _, steps, shift, strength = node("ShortcutLoRALoader").load(patcher, "calibrated.safetensors", 1.0)["result"]
     assert (steps, shift, strength) == (best.steps, best.shift, best.strength)
     text = node("ShortcutLoRALoader").load(patcher, "calibrated.safetensors", 1.0)["ui"]["text"][0]
@@ -84,4 +85,44 @@ def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flu
                         rank=4, seed=0, save_name="shown", checkpoint_every=0, resume_lora="(none)", cfg=1.0,
                         preview_every=0, calibrate=True)
     assert shown["ui"]["text"][0].startswith("calibrated: 3 steps")
-    assert "rms to the teacher's 32-step samples, 4 held-out noises" in shown["ui"]["text"][0]
+    assert "32-step samples, 4 held-out noises" in shown["ui"]["text"][0]
+
+
+def test_the_loader_and_the_sampler_take_the_recipe_for_the_steps_set(flux, lora_dir):
+    """The file keeps a recipe per step count: the loader outputs and applies (strength 0: auto) the one for its
+    steps input, the MODEL carries them, and Shortcut Sampler's shift 0 (auto) takes the one for its steps."""
+    from shortcut_core import load_lora
+    from shortcut_core.calibration import Calibration
+    patcher, positive = flux
+    train_node(patcher, positive, latents(), steps=2, calibrate=True, save_name="per_step", sample_shift=2.0)
+    calibration = Calibration.from_dict(load_lora(lora_dir / "per_step.safetensors").metadata.calibration)
+    loader = node("ShortcutLoRALoader")
+    for steps in (1, 2, 4):
+        best, _ = calibration.best_for(steps)
+        model, out_steps, shift, strength = loader.load(patcher, "per_step.safetensors", 0.0, steps)["result"]
+        assert (out_steps, shift, strength) == (steps, best.shift, best.strength)
+        assert {p[0] for patches in model.patches.values() for p in patches} == {best.strength}  # applied
+        typed, *_ = loader.load(patcher, "per_step.safetensors", 1.5, steps)["result"]
+        assert {p[0] for patches in typed.patches.values() for p in patches} == {1.5}  # a typed strength as typed
+        empty = {"samples": torch.zeros(1, 16, 8, 8)}
+        sampler = node("ShortcutSampler")
+        auto = sampler.sample(model, positive, empty, 3, steps, 0.0, False, 1.0, 1.0)[0]["samples"]
+        as_set = sampler.sample(model, positive, empty, 3, steps, best.shift, False, 1.0, 1.0)[0]["samples"]
+        other = sampler.sample(model, positive, empty, 3, steps, best.shift * 2, False, 1.0, 1.0)[0]["samples"]
+        assert torch.equal(auto, as_set) and (steps == 1 or not torch.equal(auto, other))  # 1 step: no shift
+    # steps 0: the LoRA's own recipe, as before per-step recipes
+    _, own_steps, own_shift, own_strength = loader.load(patcher, "per_step.safetensors", 0.0, 0)["result"]
+    assert (own_steps, own_shift, own_strength) == (calibration.best[0].steps, calibration.best[0].shift,
+                                                    calibration.best[0].strength)
+
+
+def test_a_file_without_per_step_recipes_gives_its_own_for_any_steps_and_says_so(flux, lora_dir):
+    patcher, positive = flux
+    train_node(patcher, positive, latents(), steps=1, calibrate=False, save_name="plain", sample_shift=2.0)
+    out = node("ShortcutLoRALoader").load(patcher, "plain.safetensors", 0.0, 1)
+    _, steps, shift, strength = out["result"]
+    assert (steps, shift, strength) == (1, 2.0, 1.0)
+    assert "No recipe was measured at 1 steps: the nearest step count's shift and strength." in out["ui"]["text"][0]
+    # a model with no shortcut LoRA: the sampler's auto shift is the one the model samples at (Flux: 3.25)
+    recipes = __import__("test_host_nodes").comfy_host.pack_module("host.recipes")
+    assert recipes.carried_shift(patcher, 3) == 3.25
