@@ -16,7 +16,7 @@ from ..shortcut_core.data_parallel import DataParallel
 from ..shortcut_core.knobs import OPTIONS, TRAIN
 from ..shortcut_core.loss_plot import loss_curve_image
 from .checks import HostInputError, check_inputs, require_single_model
-from .families import FamilyRecipe, family_recipe, resolved_cfg
+from .families import family_recipe, resolved_cfg
 from .files import TRAIN_STATE_SUFFIX, free_output_paths, lora_path
 from .lora import read_host_lora, save_diffusers_flux, save_host_lora, to_lora_model, with_lora
 from .recipes import lora_recipes, with_recipes
@@ -34,7 +34,6 @@ class SettledRun:
     positive: list
     negative: list | None
     run: TrainingRun
-    recipe: FamilyRecipe
     lora_file: str
     export_diffusers: bool
     writer: bool              # this process writes the files (always, but under data parallelism process 0 alone)
@@ -107,8 +106,8 @@ def settle_run(model, latents: torch.Tensor, positive, negative, values: Mapping
                       checkpoint_path=state_file, reporter=reporter, on_checkpoint=write_lora,
                       preview_every=settings.preview_every, calibrate=settings.calibrate,
                       stream_weights=settings.stream_weights, parallel=parallel, summary=recipe.text(cfg))
-    return SettledRun(model=model, latents=latents, positive=positive, negative=negative, run=run, recipe=recipe,
-                      lora_file=lora_file, export_diffusers=settings.export_diffusers, writer=writer)
+    return SettledRun(model=model, latents=latents, positive=positive, negative=negative, run=run, lora_file=lora_file,
+                      export_diffusers=settings.export_diffusers, writer=writer)
 
 
 def finish_run(settled: SettledRun, outcome: TrainingOutcome) -> TrainOutputs:

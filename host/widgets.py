@@ -48,8 +48,8 @@ def settled_config(values: Mapping[str, Any], family_schedule: Mapping[str, floa
         if k.shown_on is None:
             continue
         value = field_value(values, f, k)
-        family_s = f.name in SCHEDULE_KNOBS and (saved_by_0_4 or value == k.auto)
-        fields[f.name] = family_schedule[f.name] if family_s else value
+        from_family = f.name in SCHEDULE_KNOBS and (saved_by_0_4 or value == k.auto)
+        fields[f.name] = family_schedule[f.name] if from_family else value
     return ShortcutConfig(**fields, extra=extra)
 
 

@@ -43,11 +43,6 @@ class Recipe:
     shift: float
 
 
-def sample_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
-    """Root mean square difference over all elements."""
-    return float((samples.double() - reference.double()).pow(2).mean().sqrt())
-
-
 def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """The mean square difference of each sample (the first dimension) to its reference."""
     return (samples.double() - reference.double()).pow(2).flatten(1).mean(1)
@@ -56,6 +51,11 @@ def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tens
 def rms(errors: torch.Tensor) -> float:
     """The root mean square difference over all samples, from their squared_errors."""
     return float(errors.mean().sqrt())
+
+
+def sample_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Root mean square difference over all elements."""
+    return rms(squared_errors(samples, reference))
 
 
 def choose(rows: Sequence[tuple[Recipe, torch.Tensor]], own: Recipe) -> Recipe:
@@ -72,8 +72,7 @@ def choose(rows: Sequence[tuple[Recipe, torch.Tensor]], own: Recipe) -> Recipe:
         return (abs(math.log(recipe.shift / own.shift)) / math.log(SHIFT_RATIO)
                 + abs(recipe.strength - own.strength) / STRENGTH_STEP)
 
-    return min((recipe for recipe, errors in rows if tied(errors)), key=lambda r: (away(r), float(
-        dict(rows)[r].mean())))
+    return min(((away(recipe), float(errors.mean())), recipe) for recipe, errors in rows if tied(errors))[1]
 
 
 def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift: float,
@@ -92,31 +91,26 @@ def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift:
 
     def follow(values: list[float], score: Callable[[float], float], below: Callable[[float], float | None],
                above: Callable[[float], float | None]) -> float:
-        """The best of a line, extending it while its best is at an end (at most WIDENINGS times each way)."""
-        line = sorted(values)
-        for _ in range(2 * WIDENINGS + 1):
+        """The best of a line, extending it while its best is at an end (at most WIDENINGS times each way;
+        `below` / `above` give the next point past an end, or None where the range ends)."""
+        line, widened = sorted(values), {"below": 0, "above": 0}
+        while True:
             best = min(line, key=score)
-            extra = below(line[0]) if best == line[0] else above(line[-1]) if best == line[-1] else None
+            way = "below" if best == line[0] else "above" if best == line[-1] else None
+            extra = None if way is None or widened[way] >= WIDENINGS else (below(line[0]) if way == "below"
+                                                                          else above(line[-1]))
             if extra is None or extra in line:
                 return best
+            widened[way] += 1
             line = sorted(line + [extra])
-        return min(line, key=score)
 
     at(steps, 1.0, shift)  # the baseline every other recipe is measured against
     for n in sorted({steps, *step_counts}, key=lambda k: (k != steps, k)):
         lo, hi = SHIFT_LINE
-        widened = {"below": 0, "above": 0}
-
-        def further(edge: float, way: str, factor: float) -> float | None:
-            if widened[way] >= WIDENINGS:
-                return None
-            widened[way] += 1
-            return edge * factor
-
         # one Euler step goes from t_max to 0 whatever the shift: only its strength is searched
         best_shift = shift if n == 1 else follow(
             [shift * SHIFT_RATIO ** k for k in range(lo, hi + 1)], lambda s: at(n, 1.0, s),
-            lambda e: further(e, "below", 1 / SHIFT_RATIO), lambda e: further(e, "above", SHIFT_RATIO))
+            lambda e: e / SHIFT_RATIO, lambda e: e * SHIFT_RATIO)
         best_strength = follow(
             list(STRENGTHS), lambda g: at(n, g, best_shift),
             lambda e: e - STRENGTH_STEP if e - STRENGTH_STEP >= STRENGTH_RANGE[0] else None,
@@ -187,7 +181,7 @@ class Calibration:
         strengths = [r.strength for r, _ in self.table]
         lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}",
                  f"rms {best_distance:.4f} (strength 1, shift {base.shift:.3g}: {base_distance:.4f})",
-                 f"best per step count, rms to the teacher's",
+                 "best per step count, rms to the teacher's",
                  f"{self.reference_steps}-step samples, {self.samples} held-out noises:"]
         for n in self.step_counts:
             recipe, distance = self.best_for(n)

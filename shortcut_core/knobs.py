@@ -2,9 +2,9 @@
 it and what a resumed checkpoint may do with it.
 
 `knob(default, tooltip, low, high, step, ...)` is a dataclass field whose metadata holds a `Knob`. Whatever
-needs a knob reads it from there: ShortcutConfig.validate() its range, the nodes their widgets (nodes/inputs.py),
-the host the node-to-config mapping (host/settle.py), the headless command its arguments (from the nodes'
-widgets), the checkpoint its resume rules. Nothing here knows ComfyUI: `shown_on` names a node by role.
+needs a knob reads it from there: ShortcutConfig.validate() its range, the host the nodes' widgets and the
+widget-to-config mapping (host/widgets.py), the headless command its arguments (from the nodes' widgets), the
+checkpoint its resume rules (checkpoint.py). Nothing here knows ComfyUI: `shown_on` names a node by role.
 """
 
 from __future__ import annotations
