@@ -376,7 +376,8 @@ def test_a_train_shortcut_saved_with_0_1_0_is_refused_not_misread(mappings, plac
 
 
 # The authors' 3-step Flux LoRA: its direct file URL could not be confirmed from here (their pages are in the note).
-DOWNLOAD_UNCONFIRMED = {"flux-scfm-3step.safetensors"}
+# The style-stacking workflow's LoRAs are the user's own: a style LoRA, and a shortcut trained on it.
+DOWNLOAD_UNCONFIRMED = {"flux-scfm-3step.safetensors", "my_style_lora.safetensors", "flux_shortcut_my_style.safetensors"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

@@ -22,7 +22,7 @@ MODEL_FILES = {
     "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                       "qwen_2.5_vl_7b_fp8_scaled.safetensors"],
     "vae": ["ae.safetensors", "wan_2.1_vae.safetensors", "qwen_image_vae.safetensors"],
-    "loras": ["flux-scfm-3step.safetensors"],
+    "loras": ["flux-scfm-3step.safetensors", "my_style_lora.safetensors", "flux_shortcut_my_style.safetensors"],
 }
 INPUT_SUBFOLDERS = ["shortcut_fewshot"]
 
