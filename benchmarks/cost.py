@@ -213,7 +213,7 @@ def bench(name: str, module: nn.Module, latents: torch.Tensor, cfg: ShortcutConf
 
     if peaks_in_child:
         peaks = _cpu_peaks_in_child(name)
-    ideal = 1 + cfg.t_skip * med["forward"] / med["forward+backward"]
+    ideal = 1 + cfg.substeps * med["forward"] / med["forward+backward"]
     measured = med["SCFM step"] / med["plain LoRA FM step"]
     return dict(name=name, med=med, ideal=ideal, measured=measured, peaks=peaks, base=base_bytes, student=student,
                 emas=emas, optim=optim)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench(n, m, x, c, device, repeats=0)["peaks"]))
         return
     print(machine_line())
-    print(f"LoRA rank {args.rank} on every linear layer; t_skip {base.t_skip}; median of {args.repeats} interleaved runs\n")
+    print(f"LoRA rank {args.rank} on every linear layer; t_skip {base.substeps}; median of {args.repeats} interleaved runs\n")
     results = [bench(n, m, x, c, device, args.repeats) for n, m, x, c in cases]
 
     print_tables(results, device)

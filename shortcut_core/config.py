@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .knobs import FREE, LAYOUT, OPTIONS, TEXT_LIST, TRAIN, Knob, knob, knobs_of
+from .training_recipe import TRAINING_RECIPES
 
 
 LORA_LAYERS = {
@@ -51,8 +52,8 @@ class ShortcutConfig:
 
     # --- SCFM objective ---
     # sub-steps the target walks; first half teacher/fast EMA, second slow EMA
-    t_skip: int = knob(2, "Sub-steps each target walks (even): first half teacher or fast EMA, second half slow EMA.",
-                       2, None, shown_on=OPTIONS, slot=7, cap=64)
+    t_skip: int = knob(0, "Sub-steps each target walks (even): first half teacher or fast EMA, second half slow EMA. "
+                       "0 (auto): the recipe's (fast 4, paper 2).", 0, None, shown_on=OPTIONS, slot=7, cap=64)
     teacher_ratio: float = knob(0.4, "Share of items whose target starts with the teacher.", 0.0, 1.0,
                                 shown_on=OPTIONS, slot=8)
     teacher_min_steps: int = knob(32, "Teacher items use schedules of this many steps...", 2, None,
@@ -88,6 +89,11 @@ class ShortcutConfig:
     # The SD3.5 recipe restarts both EMAs from the student every 2000 steps.
     ema_restart_every: int = knob(0, "Restart both EMAs from the student every this many steps (0: never; SD3.5 "
                                   "recipe: 2000).", 0, None, shown_on=OPTIONS, slot=17, cap=1_000_000)
+
+    # --- how learning rate, EMA decays and teacher share move over the run (training_recipe.py) ---
+    recipe: str = knob("fast", "paper: the authors' constant learning rate, EMA decays and teacher share. fast: "
+                       "the measured faster schedule (README, Convergence).", shown_on=OPTIONS, slot=30,
+                       choices=tuple(TRAINING_RECIPES))
 
     # --- optimisation (AdamW, constant lr) ---
     learning_rate: float = knob(2e-5, "AdamW learning rate (constant).", 1e-8, None, 1e-6, shown_on=TRAIN, slot=2, cap=1.0)
@@ -141,8 +147,8 @@ class ShortcutConfig:
     @property
     def teacher_schedule_lengths(self) -> tuple[int, ...]:
         """Schedule lengths for teacher items: range(teacher_min, teacher_max + t_skip, t_skip)."""
-        lo = max(self.teacher_min_steps, self.t_skip)
-        return tuple(range(lo, self.teacher_max_steps + self.t_skip, self.t_skip))
+        lo = max(self.teacher_min_steps, self.substeps)
+        return tuple(range(lo, self.teacher_max_steps + self.substeps, self.substeps))
 
     @property
     def self_schedule_lengths(self) -> tuple[int, ...]:
@@ -152,11 +158,16 @@ class ShortcutConfig:
         sub-steps of an N-step schedule is one step of the N / t_skip-step sampler, so self
         items teach the 1-, 2-, 4- and 8-step samplers from the EMA student's finer steps.
         """
-        out, n = [], self.t_skip
+        out, n = [], self.substeps
         while n < self.teacher_min_steps:
             out.append(n)
             n *= 2
         return tuple(out)
+
+    @property
+    def substeps(self) -> int:
+        """The sub-steps each target walks: t_skip, or at 0 (auto) the training recipe's."""
+        return self.t_skip or TRAINING_RECIPES[self.recipe].t_skip
 
     @property
     def reference_steps(self) -> int:
@@ -185,15 +196,15 @@ class ShortcutConfig:
                 need(typed and k.low <= value and (k.high is None or value <= k.high), f.name,
                      f"must be {kind} >= {k.low:g}" if k.high is None else f"must be {kind} from {k.low:g} to {k.high:g}")
         # what ties knobs together
-        need(self.t_skip % 2 == 0, "t_skip",
-             "must be even: the first half of the sub-steps comes from the teacher or fast EMA, the second from the slow EMA")
+        need(self.t_skip == 0 or (self.t_skip >= 2 and self.t_skip % 2 == 0), "t_skip",
+             "must be 0 (auto) or even: the first half of the sub-steps comes from the teacher or fast EMA, the second from the slow EMA")
         need(self.shift_max >= self.shift_min, "shift_max", f"must be >= shift_min ({self.shift_min})")
-        need(self.teacher_min_steps % self.t_skip == 0, "teacher_min_steps", f"must be a multiple of t_skip ({self.t_skip})")
+        need(self.teacher_min_steps % self.substeps == 0, "teacher_min_steps", f"must be a multiple of t_skip ({self.substeps})")
         need(self.teacher_max_steps >= self.teacher_min_steps, "teacher_max_steps",
              f"must be >= teacher_min_steps ({self.teacher_min_steps})")
-        need(self.teacher_max_steps % self.t_skip == 0, "teacher_max_steps", f"must be a multiple of t_skip ({self.t_skip})")
+        need(self.teacher_max_steps % self.substeps == 0, "teacher_max_steps", f"must be a multiple of t_skip ({self.substeps})")
         need(self.teacher_ratio == 1.0 or len(self.self_schedule_lengths) > 0, "teacher_min_steps",
-             f"must be > t_skip ({self.t_skip}) so that self items have a schedule, or set teacher_ratio = 1")
+             f"must be > t_skip ({self.substeps}) so that self items have a schedule, or set teacher_ratio = 1")
         need(len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas), "adam_betas",
              "must be two numbers in [0, 1)")
         if self.guidance_range is not None:

@@ -62,22 +62,24 @@ def _choice(options: tuple[int, ...], n: int, generator: torch.Generator) -> tor
 
 
 def draw_shortcut_items(batch_size: int, config: ShortcutConfig, generator: torch.Generator,
-                        token_count: int | None = None) -> ShortcutDraw:
-    """Draw role, schedule, shift and start index for each of batch_size items (CPU generator)."""
+                        token_count: int | None = None, teacher_ratio: float | None = None) -> ShortcutDraw:
+    """Draw role, schedule, shift and start index for each of batch_size items (CPU generator). `teacher_ratio`
+    overrides the config's for this draw (a schedule of it: training_recipe.teacher_ratio_at)."""
     if config.resolution_shift_prob > 0 and token_count is None:
         raise ValueError("token_count is needed for the resolution shift; pass the packed token count of the "
                          "latents, or set ShortcutConfig.resolution_shift_prob = 0")
     n = batch_size
-    teacher = torch.rand(n, generator=generator, dtype=torch.float64) < config.teacher_ratio
+    ratio = config.teacher_ratio if teacher_ratio is None else teacher_ratio
+    teacher = torch.rand(n, generator=generator, dtype=torch.float64) < ratio
     length = torch.where(teacher, _choice(config.teacher_schedule_lengths, n, generator),
                          _choice(config.self_schedule_lengths, n, generator))
     fixed = config.shift_min + (config.shift_max - config.shift_min) * torch.rand(n, generator=generator,
                                                                                  dtype=torch.float64)
     by_resolution = torch.rand(n, generator=generator, dtype=torch.float64) < config.resolution_shift_prob
     shift = torch.where(by_resolution, resolution_shift(token_count) if token_count is not None else 1.0, fixed)
-    jumps = length // config.t_skip
-    start = config.t_skip * torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * jumps).long()
-    times = schedule_points(length, start, config.t_skip, shift, t_max=config.t_max)
+    jumps = length // config.substeps
+    start = config.substeps * torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * jumps).long()
+    times = schedule_points(length, start, config.substeps, shift, t_max=config.t_max)
 
     role = torch.where(teacher, int(ItemRole.TEACHER), int(ItemRole.SELF))
     role[: math.ceil(n * config.non_shortcut_ratio)] = int(ItemRole.FLOW)

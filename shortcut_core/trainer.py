@@ -33,6 +33,7 @@ from .lora_file import LoraMetadata
 from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .optimizer_offload import OffloadedAdamW
 from .safetensors_io import SafetensorsFileError
+from .training_recipe import TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
 
@@ -110,8 +111,11 @@ class ShortcutTrainer:
                  teacher_lora: Mapping[str, LoraWeights] | None = None, init_lora: Mapping[str, LoraWeights] | None = None,
                  blocks: Sequence[nn.Module] = (), clone_block_inputs: bool = True, token_count: int | None = None,
                  device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32,
-                 parallel: DataParallel | None = None):
+                 parallel: DataParallel | None = None, training_recipe: TrainingRecipe | None = None):
         self.config = config = config if config is not None else ShortcutConfig()
+        # how learning rate, EMA decays and teacher share move over the run (None: the config's named recipe's;
+        # the sub-steps are the config's: ShortcutConfig.substeps)
+        self.training_recipe = TRAINING_RECIPES[config.recipe] if training_recipe is None else training_recipe
         self.parallel = parallel  # data parallel (see data_parallel.py): this process's shard of every batch
         self.latents = _check_latents(latents)
         n = self.latents.shape[0]
@@ -201,7 +205,10 @@ class ShortcutTrainer:
         part = self.parallel.shard(total) if self.parallel is not None else slice(None)
         index = torch.randint(n, (total,), generator=g)
         noise = torch.randn((total, *self.latents.shape[1:]), generator=g, dtype=torch.float32)
-        draw = draw_shortcut_items(total, cfg, g, self.token_count)
+        if cfg.t_skip == 0 and self.step_count >= self.training_recipe.coarse_share * cfg.steps:
+            cfg = cfg.replace(t_skip=2)  # the recipe's coarse phase is over: the paper's sub-steps
+        draw = draw_shortcut_items(total, cfg, g, self.token_count,
+                                   teacher_ratio_at(self.step_count, cfg.steps, cfg.teacher_ratio, self.training_recipe))
         index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
         noise = noise[part].to(self.device, x0.dtype)
@@ -218,6 +225,8 @@ class ShortcutTrainer:
         total = 0.0
         shortcut_losses: list[torch.Tensor] = []
         flow_losses: list[torch.Tensor] = []
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate_at(self.step_count, cfg.steps, cfg.learning_rate, self.training_recipe)
         try:
             for _ in range(cfg.grad_accum_steps):
                 x0, noise, extra, draw = self._micro_batch()
@@ -261,8 +270,8 @@ class ShortcutTrainer:
         if cfg.ema_restart_every and self.step_count % cfg.ema_restart_every == 0:
             self.adapters.restart_emas()
         else:
-            self.adapters.update_ema(EMA_SLOW, cfg.ema_slow_decay)
-            self.adapters.update_ema(EMA_FAST, cfg.ema_fast_decay)
+            self.adapters.update_ema(EMA_SLOW, ema_decay_at(self.step_count, cfg.ema_slow_decay, self.training_recipe.slow_ema_power))
+            self.adapters.update_ema(EMA_FAST, ema_decay_at(self.step_count, cfg.ema_fast_decay, self.training_recipe.fast_ema_power))
         self.losses.append(total)
         self._consistent = True
 

@@ -12,11 +12,12 @@ from shortcut_core.config import ConfigError, ShortcutConfig
 
 
 def test_defaults_are_the_papers_flux_recipe():
-    c = ShortcutConfig()
+    c = ShortcutConfig(recipe="paper")
     assert c.rank == 64
     assert c.alpha == 64
     assert c.target_modules is None  # every linear layer
-    assert c.t_skip == 2
+    assert c.t_skip == 0 and c.substeps == 2  # auto: the recipe's
+    assert ShortcutConfig().recipe == "fast" and ShortcutConfig().substeps == 4  # the measured default
     assert c.teacher_ratio == 0.4
     assert c.teacher_min_steps == 32 and c.teacher_max_steps == 32
     assert c.non_shortcut_ratio == 0.0
@@ -36,7 +37,7 @@ def test_defaults_are_the_papers_flux_recipe():
 
 
 def test_derived_schedule_lengths_of_the_recipe():
-    c = ShortcutConfig()
+    c = ShortcutConfig(recipe="paper")
     assert c.self_schedule_lengths == (2, 4, 8, 16)
     assert c.teacher_schedule_lengths == (32,)
 
@@ -47,7 +48,7 @@ def test_derived_schedule_lengths_other_settings():
     assert c.teacher_schedule_lengths == (32, 36, 40, 44, 48)
     # every length is a multiple of t_skip, so a start index never runs past the schedule's end
     assert all(n % c.t_skip == 0 for n in c.self_schedule_lengths + c.teacher_schedule_lengths)
-    c = ShortcutConfig(teacher_min_steps=8, teacher_max_steps=12)
+    c = ShortcutConfig(teacher_min_steps=8, teacher_max_steps=12, t_skip=2)
     assert c.self_schedule_lengths == (2, 4)
     assert c.teacher_schedule_lengths == (8, 10, 12)
 
@@ -64,7 +65,7 @@ def test_sequences_are_normalised_to_tuples():
     ({"rank": 2.0}, "rank"),
     ({"rank": True}, "rank"),
     ({"t_skip": 3}, "t_skip"),
-    ({"t_skip": 0}, "t_skip"),
+    ({"t_skip": -2}, "t_skip"),
     ({"teacher_ratio": 1.5}, "teacher_ratio"),
     ({"teacher_ratio": -0.1}, "teacher_ratio"),
     ({"non_shortcut_ratio": 2.0}, "non_shortcut_ratio"),
@@ -108,7 +109,7 @@ def test_config_error_names_the_field(changes, field_name):
 
 
 def test_teacher_only_config_needs_no_self_schedule():
-    c = ShortcutConfig(teacher_min_steps=2, teacher_max_steps=2, teacher_ratio=1.0)
+    c = ShortcutConfig(teacher_min_steps=2, teacher_max_steps=2, teacher_ratio=1.0, recipe="paper")
     assert c.self_schedule_lengths == ()
     assert c.teacher_schedule_lengths == (2,)
 

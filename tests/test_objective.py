@@ -298,14 +298,14 @@ def test_euler_walk_bf16_accumulates_in_float32():
 # ---------------------------------------------------------------------------------------------- draws
 
 def test_draw_shortcut_items_statistics():
-    cfg = ShortcutConfig(teacher_ratio=0.4, resolution_shift_prob=0.1)
+    cfg = ShortcutConfig(teacher_ratio=0.4, resolution_shift_prob=0.1, recipe="paper")
     g = torch.Generator().manual_seed(123)
     tokens = 1024
     n = 20000
     d = draw_shortcut_items(n, cfg, g, token_count=tokens)
     assert len(d) == n
     assert d.role.dtype == torch.int64 and d.start.dtype == torch.int64 and d.schedule_length.dtype == torch.int64
-    assert d.times.dtype == torch.float64 and d.times.shape == (n, cfg.t_skip + 1)
+    assert d.times.dtype == torch.float64 and d.times.shape == (n, cfg.substeps + 1)
     assert d.shift.dtype == torch.float64
     assert (d.role == FLOW).sum() == 0  # non_shortcut_ratio 0
 
@@ -319,8 +319,8 @@ def test_draw_shortcut_items_statistics():
         assert abs(self_lengths[length] / (~teacher).sum().item() - 0.25) < 0.03
 
     # start: a multiple of t_skip, strictly before the end, every start reachable
-    assert bool((d.start % cfg.t_skip == 0).all())
-    assert bool((d.start + cfg.t_skip <= d.schedule_length).all())
+    assert bool((d.start % cfg.substeps == 0).all())
+    assert bool((d.start + cfg.substeps <= d.schedule_length).all())
     starts_32 = set(d.start[d.schedule_length == 32].tolist())
     assert starts_32 == set(range(0, 32, 2))
 
@@ -414,7 +414,8 @@ def test_draw_resolution_shift_always():
 
 
 def test_draw_teacher_only():
-    cfg = ShortcutConfig(teacher_ratio=1.0, teacher_min_steps=4, teacher_max_steps=8, resolution_shift_prob=0.0)
+    cfg = ShortcutConfig(teacher_ratio=1.0, teacher_min_steps=4, teacher_max_steps=8, resolution_shift_prob=0.0,
+                         t_skip=2)
     d = draw_shortcut_items(500, cfg, torch.Generator().manual_seed(0))
     assert bool((d.role == TEACHER).all())
     assert set(d.schedule_length.tolist()) == {4, 6, 8}

@@ -1,0 +1,277 @@
+"""How SCFM's few-step quality grows with training, per teacher and training recipe.
+
+    python -m benchmarks.convergence                       # the table and plot: paper vs fast on every teacher
+    python -m benchmarks.convergence --ablate              # each lever alone, at a third of the budget
+    python -m benchmarks.convergence --teachers digits scenes --budgets 0.111 0.333 1
+
+For each teacher (benchmarks/teachers.py) and recipe, SCFM runs for a share of the teacher's full budget; after
+each run the calibration (16 held-out noises, shortcut_core.calibration) picks the recipe per step count, and the
+LoRA is measured at the 1-, 2-, 3- and 4-step recipes it picked on 1000 other noises: RMSE to the teacher's
+128-step samples from the same noises, and the Fréchet distance of the 3-step samples to the real data (beside
+the teacher's own 32-step FD, so a recipe that wins on distance by blurring shows). Wall time counts training
+only. The paper's recipe holds its learning rate, EMA decays and teacher share constant, so its shorter budgets
+are measured along one run; a recipe whose schedule follows the run length gets one run per budget.
+
+Writes docs/convergence.md (the tables) and docs/convergence.png (3-step RMSE against training steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from shortcut_core import ShortcutTrainer
+from shortcut_core.adapters import STUDENT
+from shortcut_core.training_recipe import TRAINING_RECIPES, TrainingRecipe
+
+from .report import machine_line, markdown_table
+from .teachers import TEACHERS, Teacher
+
+STEP_COUNTS = (1, 2, 3, 4)
+BUDGETS = (1 / 9, 1 / 3, 1.0)
+
+
+@dataclass
+class Point:
+    teacher: str
+    recipe: str
+    steps: int
+    seconds: float
+    rmse: dict[int, float]       # per step count, at the calibrated recipe for it
+    fd3: float                   # FD of the calibrated 3-step samples to the real data
+    teacher_fd32: float          # the teacher's own at 32 steps
+    recipes: dict[int, tuple[float, float]]   # per step count: (strength, shift)
+
+
+def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, seconds: float) -> Point:
+    noise, args = teacher.calibration_noise(trainer.config.seed)
+    calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
+                                    step_counts=STEP_COUNTS)
+    rmse, recipes, fd3 = {}, {}, float("nan")
+    for n in STEP_COUNTS:
+        chosen, _ = calibration.best_for(n)
+        samples = teacher.sample(n, chosen.shift, lambda noise, sigmas, args: trainer.sample_as(
+            STUDENT, noise, sigmas, args, chosen.strength))
+        rmse[n] = teacher.rmse(samples)
+        recipes[n] = (chosen.strength, chosen.shift)
+        if n == 3:
+            fd3 = teacher.fd(samples)
+    return Point(teacher.name, recipe_name, trainer.step_count, seconds, rmse, fd3, teacher.teacher_fd[32], recipes)
+
+
+def train(teacher: Teacher, recipe_name: str, schedules: TrainingRecipe | None, total: int,
+          eval_at: tuple[int, ...], **overrides) -> list[Point]:
+    """One SCFM run of `total` steps on the teacher, measured after each of `eval_at` steps. `schedules`: the
+    per-step levers (None: those of the config's named recipe, overrides["recipe"])."""
+    config = teacher.config.replace(steps=total, **overrides)
+    points, seconds = [], 0.0
+    with ShortcutTrainer(teacher.module, teacher.velocity, teacher.latents, config, extra_args=teacher.extra_args,
+                         blocks=teacher.blocks, training_recipe=schedules) as trainer:
+        for stop in eval_at:
+            started = time.perf_counter()
+            trainer.run(stop, progress=False)
+            seconds += time.perf_counter() - started
+            points.append(measure(teacher, trainer, recipe_name, seconds))
+    return points
+
+
+def budget_steps(teacher: Teacher, budgets) -> tuple[int, ...]:
+    return tuple(max(1, round(teacher.config.steps * b)) for b in budgets)
+
+
+def curves(teacher: Teacher, recipes: dict[str, TrainingRecipe], budgets) -> list[Point]:
+    points = []
+    steps = budget_steps(teacher, budgets)
+    for name, recipe in recipes.items():
+        if recipe == TRAINING_RECIPES["paper"]:
+            points += train(teacher, name, None, steps[-1], steps, recipe=name)
+        else:
+            for n in steps:
+                points += train(teacher, name, None, n, (n,), recipe=name)
+        print(f"  {teacher.name} {name}: " + ", ".join(f"{p.steps} steps 3-step {p.rmse[3]:.4f}" for p in points
+                                                       if p.recipe == name), flush=True)
+    return points
+
+
+# ---------------------------------------------------------------------- the levers, one at a time
+def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
+    """Each lever alone on the paper's recipe, and a few together, at equal compute (the same forwards)."""
+    paper = TRAINING_RECIPES["paper"]
+    cfg = teacher.config
+    return {
+        "paper": (paper, {}),
+        "cosine decay": (replace(paper, decay="cosine", final_lr=0.0), {}),
+        "warm-up 5% + cosine": (replace(paper, warmup=0.05, decay="cosine", final_lr=0.0), {}),
+        "lr x2": (replace(paper, lr_scale=2.0), {}),
+        "lr x0.5": (replace(paper, lr_scale=0.5), {}),
+        "lr x2 + cosine": (replace(paper, lr_scale=2.0, decay="cosine", final_lr=0.0), {}),
+        "EMA warm-up 2/3": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3), {}),
+        "EMA warm-up 1/2": (replace(paper, fast_ema_power=0.5, slow_ema_power=0.5), {}),
+        "fast EMA warm-up 2/3": (replace(paper, fast_ema_power=2 / 3), {}),
+        "slow EMA warm-up 2/3": (replace(paper, slow_ema_power=2 / 3), {}),
+        "teacher 1 -> ratio over 50%": (replace(paper, teacher_start=1.0, teacher_ramp=0.5), {}),
+        "teacher ratio 0.7": (paper, {"teacher_ratio": 0.7}),
+        "batch x2, steps /2": (paper, {"batch_size": cfg.batch_size * 2, "_steps": 0.5}),
+        "t_skip 4": (paper, {"t_skip": 4}),
+        # 4 + 3 forwards a step instead of 2 + 3 (student forward and backward ~ 3): 5/7 of the steps
+        "t_skip 4, equal compute": (paper, {"t_skip": 4, "_steps": 5 / 7}),
+        "t_skip 4 + slow EMA warm-up, equal compute": (replace(paper, slow_ema_power=2 / 3),
+                                                       {"t_skip": 4, "_steps": 5 / 7}),
+        "t_skip 4 + lr x2, equal compute": (replace(paper, lr_scale=2.0), {"t_skip": 4, "_steps": 5 / 7}),
+        "t_skip 4, teacher 64": (paper, {"t_skip": 4, "teacher_min_steps": 64, "teacher_max_steps": 64}),
+        "t_skip 4 for 1/3, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 3), {"recipe": "fast"}),
+        "t_skip 4 for 1/2, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 2), {"recipe": "fast"}),
+        "t_skip 4 + cosine decay": (replace(paper, decay="cosine", final_lr=0.0), {"t_skip": 4}),
+        "t_skip 4 + lr x0.5": (replace(paper, lr_scale=0.5), {"t_skip": 4}),
+        "EMA warm-up 2/3 + lr x2": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3, lr_scale=2.0), {}),
+        "EMA warm-up 2/3 + t_skip 4": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3), {"t_skip": 4}),
+    }
+
+
+def run_ablations(teacher: Teacher, share: float, only: list[str] | None) -> list[Point]:
+    points = []
+    steps = budget_steps(teacher, (share,))[0]
+    for name, (recipe, overrides) in ablations(teacher).items():
+        if only and name not in only:
+            continue
+        overrides = {"recipe": "paper", **overrides}
+        n = max(1, round(steps * overrides.pop("_steps", 1.0)))
+        points += train(teacher, name, recipe, n, (n,), **overrides)
+        p = points[-1]
+        print(f"  {teacher.name} {name}: {p.steps} steps {p.seconds:.0f} s, RMSE 1/2/3/4 "
+              + " / ".join(f"{p.rmse[k]:.4f}" for k in STEP_COUNTS) + f", FD3 {p.fd3:.3f}", flush=True)
+    return points
+
+
+def table(points: list[Point]) -> str:
+    rows = []
+    for p in points:
+        rows.append([p.teacher, p.recipe, str(p.steps), f"{p.seconds:.0f}"]
+                    + [f"{p.rmse[n]:.4f}" for n in STEP_COUNTS]
+                    + [f"{p.fd3:.3f} ({p.fd3 / p.teacher_fd32:.2f}x)"])
+    return markdown_table(["teacher", "recipe", "steps", "train s", "RMSE 1 step", "2 steps", "3 steps", "4 steps",
+                           "FD 3 steps (/ teacher 32)"], rows)
+
+
+COLOURS = {"paper": (90, 90, 90), "fast": (214, 96, 20)}
+DASHES = {1: (2, 4), 2: (6, 4), 3: (1, 0), 4: (10, 3)}
+
+
+def plot(points: list[Point], path: Path, panel: tuple[int, int] = (360, 260)) -> None:
+    """One panel per teacher: calibrated RMSE (log) against training steps (log), a line per recipe and step
+    count (1 to 4 steps: dots, short dashes, solid, long dashes). Needs Pillow (requirements-dev)."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    names = list(dict.fromkeys(p.teacher for p in points))
+    cols = min(2, len(names))
+    rows = math.ceil(len(names) / cols)
+    w, h = panel
+    image = Image.new("RGB", (cols * w, rows * h + 40), "white")
+    draw = ImageDraw.Draw(image)
+    x_label = "training steps (log); y: RMSE to the teacher's 128-step samples (log), calibrated recipe"
+    draw.text((10, rows * h + 8), x_label, fill=(0, 0, 0))
+    legend = "  ".join(f"{r}" for r in dict.fromkeys(p.recipe for p in points))
+    draw.text((10, rows * h + 22), "grey: paper, orange: fast; dotted 1 step, dashed 2, solid 3, long dash 4. "
+              + legend, fill=(0, 0, 0))
+    for i, name in enumerate(names):
+        ox, oy = (i % cols) * w, (i // cols) * h
+        mine = [p for p in points if p.teacher == name]
+        xs = [math.log(p.steps) for p in mine]
+        ys = [math.log(p.rmse[n]) for p in mine for n in STEP_COUNTS]
+        x0, x1 = min(xs) - 0.1, max(xs) + 0.1
+        y0, y1 = min(ys) - 0.05, max(ys) + 0.05
+        left, top, right, bottom = ox + 46, oy + 22, ox + w - 12, oy + h - 28
+
+        def at(steps: int, value: float) -> tuple[float, float]:
+            return (left + (math.log(steps) - x0) / (x1 - x0) * (right - left),
+                    bottom - (math.log(value) - y0) / (y1 - y0) * (bottom - top))
+
+        draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+        draw.text((left, oy + 6), name, fill=(0, 0, 0))
+        for steps in sorted({p.steps for p in mine}):
+            x, _ = at(steps, math.exp(y0))
+            draw.text((x - 8, bottom + 4), str(steps), fill=(80, 80, 80))
+        for value in (math.exp(y0 + 0.05), math.exp((y0 + y1) / 2), math.exp(y1 - 0.05)):
+            _, y = at(math.exp(x0), value)
+            draw.text((ox + 4, y - 5), f"{value:.3f}", fill=(80, 80, 80))
+        for recipe in dict.fromkeys(p.recipe for p in mine):
+            line = sorted((p for p in mine if p.recipe == recipe), key=lambda p: p.steps)
+            colour = COLOURS.get(recipe, (40, 110, 200))
+            for n in STEP_COUNTS:
+                xy = [at(p.steps, p.rmse[n]) for p in line]
+                on, off = DASHES[n]
+                for (ax, ay), (bx, by) in zip(xy, xy[1:]):
+                    length = math.hypot(bx - ax, by - ay)
+                    pos = 0.0
+                    while pos < length:
+                        end = min(length, pos + on) if off else length
+                        f0, f1 = pos / length, end / length
+                        draw.line((ax + f0 * (bx - ax), ay + f0 * (by - ay), ax + f1 * (bx - ax),
+                                   ay + f1 * (by - ay)), fill=colour, width=2)
+                        pos = end + off if off else length
+                for x, y in xy:
+                    draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> list[Point]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS) + ["none"])
+    ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="shares of each full budget")
+    ap.add_argument("--recipes", nargs="+", default=list(TRAINING_RECIPES), choices=list(TRAINING_RECIPES))
+    ap.add_argument("--ablate", action="store_true", help="the levers one by one at --share of the budget")
+    ap.add_argument("--share", type=float, default=1 / 3, help="the budget share of the ablation")
+    ap.add_argument("--only", nargs="*", default=None, help="ablation names to run (default all)")
+    ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) and points (json) here")
+    ap.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG; needs Pillow)")
+    ap.add_argument("--load", nargs="*", type=Path, default=(),
+                    help="points from earlier --out runs (json) to table and plot with this run's; with --teachers "
+                         "none, only those")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_line())
+    teachers, points = {}, []
+    for saved in args.load:
+        for p in json.loads(saved.read_text()):
+            p["rmse"] = {int(k): v for k, v in p["rmse"].items()}
+            p["recipes"] = {int(k): tuple(v) for k, v in p["recipes"].items()}
+            p.setdefault("teacher_fd32", float("nan"))
+            points.append(Point(**p))
+    for name in (n for n in args.teachers if n != "none"):
+        started = time.perf_counter()
+        teacher = teachers[name] = TEACHERS[name]()
+        print(f"{name}: {teacher.kind}; full budget {teacher.config.steps} steps of batch "
+              f"{teacher.config.batch_size}; teacher FD 1/2/3/4/32 steps "
+              + " / ".join(f"{teacher.teacher_fd[n]:.3f}" for n in (1, 2, 3, 4, 32))
+              + ", RMSE 1/2/3/4 steps " + " / ".join(f"{teacher.teacher_rmse[n]:.4f}" for n in STEP_COUNTS) + " "
+              f"({time.perf_counter() - started:.0f} s to set up)", flush=True)
+        if args.ablate:
+            points += run_ablations(teacher, args.share, args.only)
+        else:
+            points += curves(teacher, {r: TRAINING_RECIPES[r] for r in args.recipes}, args.budgets)
+    text = table(points)
+    print()
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"{machine_line()}\n\n{text}\n")
+        args.out.with_suffix(".json").write_text(json.dumps([p.__dict__ for p in points], indent=1))
+    if args.plot:
+        plot(points, args.plot)
+    return points
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The training recipe's levers: per-step values, the paper's recipe unchanged, and what a lever may not touch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from shortcut_core.config import ConfigError, ShortcutConfig
+from shortcut_core.trainer import ShortcutTrainer
+from shortcut_core.training_recipe import (PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at,
+                                           teacher_ratio_at)
+
+from test_trainer import SHAPE, TinyVelocityNet
+
+
+def test_the_paper_recipe_holds_every_knob_constant():
+    for step in (0, 1, 50, 99):
+        assert learning_rate_at(step, 100, 2e-5, PAPER) == 2e-5
+        assert ema_decay_at(step + 1, 0.999, PAPER.slow_ema_power) == 0.999
+        assert teacher_ratio_at(step, 100, 0.4, PAPER) == 0.4
+
+
+def test_warm_up_then_cosine_decay():
+    recipe = TrainingRecipe(warmup=0.1, decay="cosine", final_lr=0.1)
+    lrs = [learning_rate_at(step, 100, 1.0, recipe) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)      # ten warm-up steps up to the peak
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                    # then falling ...
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)                            # ... to final_lr
+    linear = [learning_rate_at(step, 100, 1.0, TrainingRecipe(decay="linear", final_lr=0.0)) for step in (0, 50)]
+    assert linear == pytest.approx([1.0, 0.5])
+
+
+def test_ema_warm_up_follows_the_student_first_and_never_exceeds_the_decay():
+    decays = [ema_decay_at(k, 0.999, 2 / 3) for k in range(1, 40_000, 500)]
+    assert decays[0] < 0.5 and max(decays) == 0.999
+    assert all(a <= b for a, b in zip(decays, decays[1:]))
+    assert ema_decay_at(100, 0.99, 2 / 3) == pytest.approx(1 - 101 ** (-2 / 3))
+
+
+def test_teacher_share_ramps_to_the_configs():
+    recipe = TrainingRecipe(teacher_start=1.0, teacher_ramp=0.5)
+    assert teacher_ratio_at(0, 100, 0.4, recipe) == 1.0
+    assert teacher_ratio_at(25, 100, 0.4, recipe) == pytest.approx(0.7)
+    assert teacher_ratio_at(50, 100, 0.4, recipe) == pytest.approx(0.4)
+    assert teacher_ratio_at(99, 100, 0.4, recipe) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("bad", [dict(decay="step"), dict(warmup=1.5), dict(final_lr=-0.1),
+                                 dict(slow_ema_power=2.0), dict(teacher_start=1.2)])
+def test_a_bad_lever_names_itself(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainingRecipe(**bad)
+
+
+def test_config_recipe_is_one_of_the_named_and_sets_the_sub_steps_left_at_auto():
+    assert ShortcutConfig().recipe == "fast" and set(TRAINING_RECIPES) == {"fast", "paper"}
+    with pytest.raises(ConfigError, match="recipe"):
+        ShortcutConfig(recipe="fastest")
+    assert ShortcutConfig().substeps == 4 and ShortcutConfig().self_schedule_lengths == (4, 8, 16)
+    paper = ShortcutConfig().replace(recipe="paper")  # one choice away: the paper's schedules exactly
+    assert paper.substeps == 2 and paper.self_schedule_lengths == (2, 4, 8, 16)
+    assert paper.teacher_schedule_lengths == (32,)
+    assert ShortcutConfig(t_skip=2).substeps == 2  # a number typed in is used as typed
+    with pytest.raises(ConfigError, match="t_skip"):
+        ShortcutConfig(t_skip=3)
+
+
+def _run(recipe: TrainingRecipe | None, config: ShortcutConfig):
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config, training_recipe=recipe) as trainer:
+        lrs = []
+        for _ in range(config.steps):
+            trainer.step()
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return trainer.result(), lrs, trainer.generator.get_state()
+
+
+CONFIG = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=6, learning_rate=1e-2, guidance_range=None,
+                        resolution_shift_prob=0.0, gradient_checkpointing=False, checkpoint_every=0, seed=3)
+
+
+def test_the_configs_paper_recipe_is_the_paper_run_bit_for_bit():
+    named, lrs, _ = _run(None, CONFIG.replace(recipe="paper"))
+    explicit, _, _ = _run(TrainingRecipe(), CONFIG.replace(t_skip=2))
+    assert lrs == [CONFIG.learning_rate] * CONFIG.steps
+    assert named.losses == explicit.losses
+    for key, weights in named.lora.items():
+        assert torch.equal(weights.down, explicit.lora[key].down) and torch.equal(weights.up, explicit.lora[key].up)
+
+
+def test_levers_change_values_not_the_draws():
+    """A schedule changes the learning rate, EMA decays and teacher share per step, but every run draws the
+    same latents, noises, times and roles from the generator: a lever is measured against the same draws."""
+    paper, paper_lrs, paper_rng = _run(PAPER, CONFIG)
+    lever = TrainingRecipe(warmup=0.5, decay="cosine", final_lr=0.0, fast_ema_power=0.5, slow_ema_power=0.5,
+                           teacher_start=1.0, teacher_ramp=0.5)
+    moved, lrs, rng = _run(lever, CONFIG)
+    assert torch.equal(rng, paper_rng)
+    assert lrs != paper_lrs and max(lrs) == pytest.approx(CONFIG.learning_rate) and lrs[-1] < lrs[2]
+    assert moved.losses != paper.losses
+    assert all(math.isfinite(v) for v in moved.losses)
