@@ -53,7 +53,7 @@ class ShortcutConfig:
     # --- SCFM objective ---
     # sub-steps the target walks; first half teacher/fast EMA, second slow EMA
     t_skip: int = knob(0, "Sub-steps each target walks (even): first half teacher or fast EMA, second half slow EMA. "
-                       "0 (auto): the recipe's (fast 4, paper 2).", 0, None, shown_on=OPTIONS, slot=7, cap=64)
+                       "0 (auto): the recipe's (paper 2, fast 4).", 0, None, shown_on=OPTIONS, slot=7, cap=64)
     teacher_ratio: float = knob(0.4, "Share of items whose target starts with the teacher.", 0.0, 1.0,
                                 shown_on=OPTIONS, slot=8)
     teacher_min_steps: int = knob(32, "Teacher items use schedules of this many steps...", 2, None,
@@ -91,8 +91,9 @@ class ShortcutConfig:
                                   "recipe: 2000).", 0, None, shown_on=OPTIONS, slot=17, cap=1_000_000)
 
     # --- how learning rate, EMA decays and teacher share move over the run (training_recipe.py) ---
-    recipe: str = knob("fast", "paper: the authors' constant learning rate, EMA decays and teacher share. fast: "
-                       "the measured faster schedule (README, Convergence).", shown_on=OPTIONS, slot=30,
+    recipe: str = knob("paper", "paper: the authors' recipe (2 sub-steps a target). fast: 4 sub-steps a target "
+                       "(t_skip at 0): better few-step results early in a run, worse at the full budget on the digits "
+                       "teacher (benchmarks/convergence.py).", shown_on=OPTIONS, slot=30,
                        choices=tuple(TRAINING_RECIPES))
 
     # --- optimisation (AdamW, constant lr) ---

@@ -17,7 +17,7 @@ def test_defaults_are_the_papers_flux_recipe():
     assert c.alpha == 64
     assert c.target_modules is None  # every linear layer
     assert c.t_skip == 0 and c.substeps == 2  # auto: the recipe's
-    assert ShortcutConfig().recipe == "fast" and ShortcutConfig().substeps == 4  # the measured default
+    assert ShortcutConfig().recipe == "paper" and ShortcutConfig(recipe="fast").substeps == 4
     assert c.teacher_ratio == 0.4
     assert c.teacher_min_steps == 32 and c.teacher_max_steps == 32
     assert c.non_shortcut_ratio == 0.0

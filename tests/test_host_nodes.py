@@ -331,9 +331,14 @@ def test_a_changed_option_reaches_the_trainer_and_bad_options_are_named(flux, lo
     assert (config["alpha"], config["t_skip"], config["teacher_min_steps"], config["sample_steps"]) == (2.0, 4, 16, 4)
     train_node(patcher, positive, latents, steps=1, save_name="defaults")
     config = load_lora(lora_dir / "defaults.safetensors").metadata.config
-    assert (config["t_skip"], config["teacher_min_steps"]) == (2, 32)  # unconnected knobs: the paper's
-    with pytest.raises(ValueError, match="t_skip: 0 is out of range"):
-        train_node(patcher, positive, latents, steps=1, t_skip=0)
+    # unconnected knobs: the paper's, with the sub-steps at "auto" (the recipe's)
+    assert (config["t_skip"], config["teacher_min_steps"], config["recipe"]) == (0, 32, "paper")
+    train_node(patcher, positive, latents, steps=1, save_name="fast", recipe="fast")
+    assert load_lora(lora_dir / "fast.safetensors").metadata.config["recipe"] == "fast"
+    with pytest.raises(ValueError, match="t_skip: -2 is out of range"):
+        train_node(patcher, positive, latents, steps=1, t_skip=-2)
+    with pytest.raises(ValueError, match="recipe"):
+        train_node(patcher, positive, latents, steps=1, recipe="fastest")
     with pytest.raises(ValueError, match="options: unknown knobs \\['rnak'\\]"):
         type(node("TrainShortcut"))().train(model=patcher, latents=latents, positive=positive, steps=1, batch_size=2,
                                              learning_rate=1e-3, rank=4, seed=0, save_name="x", checkpoint_every=0,

@@ -172,7 +172,8 @@ def test_workflows_follow_their_recipes(mappings):
     assert sorted(p["images"] for _, p in _recipe(b, "PreviewImage")) == [[train_id, 3], [train_id, 5]]
     assert (train["preview_every"], train["calibrate"]) == (100, True)
     [(options_id, options)] = _recipe(b, "ShortcutTrainingOptions")
-    assert train["options"] == [options_id, 0] and options["alpha"] == 64.0 and options["t_skip"] == 2
+    assert train["options"] == [options_id, 0] and options["alpha"] == 64.0 and options["t_skip"] == 0
+    assert options["recipe"] == "paper"
 
     c = prompts["flux_data_free_distill.json"]
     host_teacher = comfy_host.pack_module("host.teacher")
@@ -463,7 +464,7 @@ def _shrunk(prompt: dict) -> dict:
             "EmptyHunyuanLatentVideo": dict(width=64, height=64, length=5),
             "EmptySD3LatentImage": dict(width=64, height=64),
             "TrainShortcut": dict(steps=2, batch_size=2, rank=4, checkpoint_every=0, preview_every=1),
-            "ShortcutTrainingOptions": dict(alpha=4.0, teacher_min_steps=4, teacher_max_steps=4),
+            "ShortcutTrainingOptions": dict(alpha=4.0, teacher_min_steps=8, teacher_max_steps=8),
         }.get(node["class_type"], {})
         for name, value in small.items():
             if not isinstance(inputs.get(name), list):  # a linked input keeps its link
