@@ -185,8 +185,8 @@ def test_options_saved_before_the_memory_modes_open_with_them_off(server, browse
     its values where they were and the modes at their defaults."""
     workflow = load(comfy_host.PROJECT_ROOT / "workflows" / "flux_few_shot_train_shortcut.json")
     [options] = [n for n in workflow["nodes"] if n["type"] == "ShortcutTrainingOptions"]
-    saved = options["widgets_values"][:-3]
-    assert len(saved) == 27 and options["widgets_values"][-3:] == ["all", False, False]
+    saved = options["widgets_values"][:-4]  # and 0.6's recipe after them
+    assert len(saved) == 27 and options["widgets_values"][-4:] == ["all", False, False, "paper"]
     options["widgets_values"] = saved
     page, page_errors, _ = _open_app(browser, server.url)
     try:
