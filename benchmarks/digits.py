@@ -17,6 +17,7 @@ import struct
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -124,10 +125,7 @@ def pretrain_teacher(images: torch.Tensor, net_cfg: DigitsNetConfig = DigitsNetC
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    net.train(False)  # eval mode; the repository keeps no `eval(` text, which Registry scans flag
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)
 
 
 def _cache_key(images: torch.Tensor, net_cfg: DigitsNetConfig, train: TeacherTraining) -> str:
@@ -142,31 +140,45 @@ def default_cache_dir() -> Path:
     return Path(root) / "shortcut-flow"
 
 
+def cached_weights(path: Path, empty: Callable[[], nn.Module], train: Callable[[], nn.Module]
+                   ) -> tuple[nn.Module, str]:
+    """A teacher's weights from the cache file `path` into `empty()`, else `train()`ed now and cached there (a
+    damaged cache entry is simply retrained); (the module, where it came from)."""
+    if path.is_file():
+        try:
+            tensors, _ = read_safetensors(path, what="cached teacher")
+            net = empty()
+            net.load_state_dict(tensors)
+            return net, f"restored from {path}"
+        except (SafetensorsFileError, RuntimeError):
+            pass
+    net = train()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors_atomic(path, {k: v.contiguous() for k, v in net.state_dict().items()},
+                                 {"what": path.stem})
+        return net, f"pre-trained now, cached at {path}"
+    except (OSError, SafetensorsFileError) as e:
+        return net, f"pre-trained now (not cached: {e})"
+
+
+def frozen(net: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: a teacher."""
+    net.train(False)  # eval mode; the repository keeps no `eval(` text, which Registry scans flag
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 def load_or_pretrain_teacher(images: torch.Tensor, net_cfg: DigitsNetConfig = DigitsNetConfig(),
                              train: TeacherTraining = TeacherTraining(), cache_dir: Path | None = None,
                              progress: bool = True) -> tuple[DigitsFlowNet, str]:
     """The teacher from the local cache when one was trained with the same settings, else trained now."""
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     path = cache_dir / f"digits-teacher-{_cache_key(images, net_cfg, train)}.safetensors"
-    if path.is_file():
-        try:
-            tensors, _ = read_safetensors(path, what="cached teacher")
-            net = DigitsFlowNet(net_cfg)
-            net.load_state_dict(tensors)
-            net.train(False)
-            for p in net.parameters():
-                p.requires_grad_(False)
-            return net, f"restored from {path}"
-        except (SafetensorsFileError, RuntimeError):
-            pass  # a damaged cache entry is simply retrained
-    net = pretrain_teacher(images, net_cfg, train, progress=progress)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(path, net.state_dict(), {"what": CACHE_VERSION})
-        where = f"pre-trained now, cached at {path}"
-    except (OSError, SafetensorsFileError) as e:
-        where = f"pre-trained now (not cached: {e})"
-    return net, where
+    net, where = cached_weights(path, lambda: DigitsFlowNet(net_cfg),
+                                lambda: pretrain_teacher(images, net_cfg, train, progress=progress))
+    return frozen(net), where
 
 
 # ---------------------------------------------------------------------- sampling and metrics
@@ -204,14 +216,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------- a PNG with no imaging library
 def write_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
-    """Write a greyscale uint8 (H, W) array as PNG (zlib only), atomically."""
-    h, w = pixels.shape
-    raw = b"".join(b"\x00" + pixels[row].astype(np.uint8).tobytes() for row in range(h))
+    """Write a greyscale (H, W) or RGB (H, W, 3) uint8 array as PNG (zlib only), atomically."""
+    h, w = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+    raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     path = os.fspath(path)
     tmp = path + ".tmp"

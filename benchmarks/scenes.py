@@ -22,9 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import struct
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +31,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import trange
 
-from shortcut_core import read_safetensors, sample_euler, shifted_schedule, write_safetensors_atomic
-from shortcut_core.safetensors_io import SafetensorsFileError
+from shortcut_core import sample_euler, shifted_schedule
 
-from .digits import ModulatedBlock, default_cache_dir, frechet_distance, timestep_embedding
+from .digits import ModulatedBlock, cached_weights, default_cache_dir, frechet_distance, frozen, timestep_embedding
 
 CACHE_VERSION = "scenes-teacher-v1"
 SIZE = 16
@@ -275,14 +271,7 @@ def pretrain_scenes_teacher(images: torch.Tensor, tokens: torch.Tensor, net_cfg:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return _frozen(net)
-
-
-def _frozen(net: ScenesFlowNet) -> ScenesFlowNet:
-    net.train(False)  # inference mode, as digits.py (which explains why not the usual call)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+    return frozen(net)
 
 
 def _cache_key(images: torch.Tensor, tokens: torch.Tensor, net_cfg: ScenesNetConfig,
@@ -302,22 +291,9 @@ def load_or_pretrain_scenes_teacher(images: torch.Tensor, tokens: torch.Tensor, 
     prompts with the same settings, else trained now and cached; (net, where it came from)."""
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     path = cache_dir / f"scenes-teacher-{_cache_key(images, tokens, net_cfg, train)}.safetensors"
-    if path.is_file():
-        try:
-            tensors, _ = read_safetensors(path, what="cached teacher")
-            net = ScenesFlowNet(net_cfg)
-            net.load_state_dict(tensors)
-            return _frozen(net), f"restored from {path}"
-        except (SafetensorsFileError, RuntimeError):
-            pass  # a damaged cache entry is simply retrained
-    net = pretrain_scenes_teacher(images, tokens, net_cfg, train, progress=progress)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(path, net.state_dict(), {"what": CACHE_VERSION})
-        where = f"pre-trained now, cached at {path}"
-    except (OSError, SafetensorsFileError) as e:
-        where = f"pre-trained now (not cached: {e})"
-    return net, where
+    net, where = cached_weights(path, lambda: ScenesFlowNet(net_cfg),
+                                lambda: pretrain_scenes_teacher(images, tokens, net_cfg, train, progress=progress))
+    return frozen(net), where
 
 
 # ---------------------------------------------------------------------- sampling and metrics
@@ -355,25 +331,6 @@ def scene_features(x: torch.Tensor) -> torch.Tensor:
 def scenes_fd(samples: torch.Tensor, real: torch.Tensor) -> float:
     """Fréchet distance between sample sets on `scene_features`."""
     return frechet_distance(scene_features(samples), scene_features(real))
-
-
-# ---------------------------------------------------------------------- an RGB PNG with no imaging library
-def write_png_rgb(path: str | os.PathLike, pixels: np.ndarray) -> None:
-    """Write an RGB uint8 (H, W, 3) array as PNG (zlib only), atomically."""
-    h, w, _ = pixels.shape
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
-    raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
 
 
 def scene_grid(rows: list[torch.Tensor], scale: int = 4, gap: int = 2) -> np.ndarray:

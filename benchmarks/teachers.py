@@ -22,15 +22,26 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from shortcut_core import ShortcutConfig, read_safetensors, sample_euler, shifted_schedule, \
-    write_safetensors_atomic
-from shortcut_core.safetensors_io import SafetensorsFileError
+from shortcut_core import ShortcutConfig, sample_euler, shifted_schedule
 
-from .digits import default_cache_dir, frechet_distance
+from .digits import cached_weights, default_cache_dir, frechet_distance
 
 REFERENCE_STEPS = 128
 EVAL_NOISES = 1000
 CALIBRATION_NOISES = 16
+
+
+@torch.no_grad()
+def euler_samples(velocity: Callable, noise: torch.Tensor, args: dict[str, Any], steps: int, shift: float,
+                  sampler: Callable | None = None, batch: int = 250) -> torch.Tensor:
+    """Euler samples of `velocity` (or `sampler(noise, sigmas, args)`) from `noise`, in batches of per-item args."""
+    sigmas = shifted_schedule(steps, shift)
+    if sampler is None:
+        def sampler(noise, sigmas, args):
+            return sample_euler(velocity, noise, sigmas, args, disable=True)
+    return torch.cat([sampler(noise[i:i + batch], sigmas, {k: v[i:i + batch] if isinstance(v, torch.Tensor) else v
+                                                            for k, v in args.items()})
+                      for i in range(0, noise.shape[0], batch)])
 
 
 @dataclass
@@ -66,18 +77,10 @@ class Teacher:
         g = torch.Generator().manual_seed(10_000 + seed)
         return torch.randn(CALIBRATION_NOISES, *shape, generator=g), self.make_args(CALIBRATION_NOISES, 10_000 + seed)
 
-    @torch.no_grad()
-    def sample(self, steps: int, shift: float, sampler: Callable | None = None, batch: int = 250) -> torch.Tensor:
+    def sample(self, steps: int, shift: float, sampler: Callable | None = None) -> torch.Tensor:
         """Euler samples from the evaluation noises: the teacher's, or `sampler(noise, sigmas, args)`'s (a live
         trainer's student: ShortcutTrainer.sample_as)."""
-        sigmas = shifted_schedule(steps, shift)
-        n = self.eval_noise.shape[0]
-        if sampler is None:
-            def sampler(noise, sigmas, args):
-                return sample_euler(self.velocity, noise, sigmas, args, disable=True)
-        return torch.cat([sampler(self.eval_noise[i:i + batch], sigmas,
-                                  {k: v[i:i + batch] if isinstance(v, torch.Tensor) else v
-                                   for k, v in self.eval_args.items()}) for i in range(0, n, batch)])
+        return euler_samples(self.velocity, self.eval_noise, self.eval_args, steps, shift, sampler)
 
     def rmse(self, samples: torch.Tensor) -> float:
         return float((samples.double() - self.reference.double()).pow(2).mean().sqrt())
@@ -117,25 +120,6 @@ def scenes_teacher() -> Teacher:
 
 
 # ---------------------------------------------------------------------- ComfyUI families
-def _cached_module(module: nn.Module, key: str, train: Callable[[], None]) -> str:
-    """Load `module`'s weights from the cache under `key`, else run `train()` and cache them."""
-    path = default_cache_dir() / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
-    if path.is_file():
-        try:
-            tensors, _ = read_safetensors(path, what="cached teacher")
-            module.load_state_dict(tensors)
-            return f"restored from {path}"
-        except (SafetensorsFileError, RuntimeError):
-            pass
-    train()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(path, {k: v.contiguous() for k, v in module.state_dict().items()}, {"key": key})
-    except (OSError, SafetensorsFileError):
-        pass
-    return "pre-trained now"
-
-
 FAMILY_CASES = {  # family: (latent of one item, pre-training steps, batch, lr)
     "flux": ((16, 8, 8), 400, 16, 3e-3),
     "wan2.1": ((16, 3, 8, 8), 300, 16, 3e-3),
@@ -158,9 +142,14 @@ def family_teacher(family: str, seed: int = 0) -> Teacher:
     norms_at_their_usual_init(model.diffusion_model)
     positive = [[torch.zeros_like(context), options] for context, options in spec.positive(6, seed)]
     key = f"family-teacher-v1 {family} {latent} {steps} {batch} {lr} {seed} {torch.__version__}"
-    _cached_module(model.diffusion_model, key,
-                   lambda: pretrain(model, positive, latent, steps=steps, batch=batch, lr=lr, seed=seed))
-    for p in model.diffusion_model.parameters():
+    net = model.diffusion_model
+
+    def pretrained() -> nn.Module:
+        pretrain(model, positive, latent, steps=steps, batch=batch, lr=lr, seed=seed)
+        return net
+    cached_weights(default_cache_dir() / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors",
+                   lambda: net, pretrained)
+    for p in net.parameters():
         p.requires_grad_(False)
 
     shared = model_inputs(model, positive, 1, latent)
@@ -181,20 +170,16 @@ def family_teacher(family: str, seed: int = 0) -> Teacher:
                             gradient_checkpointing=False, checkpoint_every=0)
     # data-free, as the family tests and workflow 3: the teacher's own 32-step samples are the training latents;
     # the distribution a shortcut should match is the teacher's own (its 128-step samples from other noises)
-    holder = Teacher.__new__(Teacher)
-    holder.module, holder.velocity = model.diffusion_model, velocity
-
     def teacher_samples(count: int, noise_seed: int, steps: int) -> torch.Tensor:
-        holder.eval_noise = torch.randn(count, *latent, generator=torch.Generator().manual_seed(noise_seed))
-        holder.eval_args = make_args(count, noise_seed)
-        return Teacher.sample(holder, steps, 1.0)
+        noise = torch.randn(count, *latent, generator=torch.Generator().manual_seed(noise_seed))
+        return euler_samples(velocity, noise, make_args(count, noise_seed), steps, 1.0)
 
     latents = teacher_samples(64, 7 + seed, 32)
     families = comfy_host.pack_module("host.families")
     return Teacher(family, f"ComfyUI {family} class at tiny width, {list(latent)} latents, data-free",
-                   model.diffusion_model, velocity, latents, make_args(64, 0), config, 1.0,
+                   net, velocity, latents, make_args(64, 0), config, 1.0,
                    teacher_samples(2000, 99, 128), lambda x: x.flatten(1)[:, :: max(1, x[0].numel() // 128)],
-                   make_args, tuple(families.repeated_blocks(model.diffusion_model)))
+                   make_args, tuple(families.repeated_blocks(net)))
 
 
 TEACHERS: dict[str, Callable[[], Teacher]] = {

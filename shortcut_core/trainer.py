@@ -33,9 +33,9 @@ from .lora_file import LoraMetadata
 from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .optimizer_offload import OffloadedAdamW
 from .safetensors_io import SafetensorsFileError
-from .training_recipe import TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
+from .training_recipe import PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -115,7 +115,10 @@ class ShortcutTrainer:
         self.config = config = config if config is not None else ShortcutConfig()
         # how learning rate, EMA decays and teacher share move over the run (None: the config's named recipe's;
         # the sub-steps are the config's: ShortcutConfig.substeps)
-        self.training_recipe = TRAINING_RECIPES[config.recipe] if training_recipe is None else training_recipe
+        self.training_recipe = recipe = TRAINING_RECIPES[config.recipe] if training_recipe is None else training_recipe
+        # after the recipe's coarse phase, targets walk the paper's sub-steps (t_skip left at auto only)
+        self._fine_config = (config.replace(t_skip=PAPER.t_skip) if config.t_skip == 0 and recipe.coarse_share < 1
+                             else config)
         self.parallel = parallel  # data parallel (see data_parallel.py): this process's shard of every batch
         self.latents = _check_latents(latents)
         n = self.latents.shape[0]
@@ -205,8 +208,8 @@ class ShortcutTrainer:
         part = self.parallel.shard(total) if self.parallel is not None else slice(None)
         index = torch.randint(n, (total,), generator=g)
         noise = torch.randn((total, *self.latents.shape[1:]), generator=g, dtype=torch.float32)
-        if cfg.t_skip == 0 and self.step_count >= self.training_recipe.coarse_share * cfg.steps:
-            cfg = cfg.replace(t_skip=2)  # the recipe's coarse phase is over: the paper's sub-steps
+        if self.step_count >= self.training_recipe.coarse_share * cfg.steps:
+            cfg = self._fine_config
         draw = draw_shortcut_items(total, cfg, g, self.token_count,
                                    teacher_ratio_at(self.step_count, cfg.steps, cfg.teacher_ratio, self.training_recipe))
         index, draw = index[part], draw.shard(part)

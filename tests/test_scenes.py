@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from benchmarks import scenes
+from benchmarks.digits import write_png
 from shortcut_core import ShortcutConfig, ShortcutTrainer, lora_applied
 
 TINY = scenes.ScenesNetConfig(width=32, depth=1, patch_width=16)
@@ -115,7 +116,7 @@ def test_rgb_png(tmp_path):
     images, _ = scenes.make_scenes(6, 0)
     grid = scenes.scene_grid([images[:3], images[3:]], scale=2)
     assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
-    scenes.write_png_rgb(tmp_path / "g.png", grid)
+    write_png(tmp_path / "g.png", grid)
     png = (tmp_path / "g.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">IIBB", png[16:26]) == (grid.shape[1], grid.shape[0], 8, 2)
