@@ -26,7 +26,7 @@ from .report import machine_line, markdown_table
 
 def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) -> None:
     from shortcut_core import ShortcutTrainer
-    from shortcut_core.data_parallel import DataParallel
+    from shortcut_core.data_parallel import DataParallel, close_process_group
 
     from .demo import demo_config
     from .digits import load_digits_images, load_or_pretrain_teacher, velocity_of
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, steps: int, batch: int, out: str) 
             with open(out, "w") as f:
                 f.write(f"{elapsed} {spent[0]}")
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def run(world: int, steps: int, batch: int) -> tuple[float, float]:

@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None, models=None) -> int:
         return 0
     finally:
         if parallel is not None:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            from ..shortcut_core.data_parallel import close_process_group
+            close_process_group()
 
 
 # ---------------------------------------------------------------------------------------------- as a script

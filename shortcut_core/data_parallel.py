@@ -20,6 +20,21 @@ class StateDriftError(RuntimeError):
     """The processes' LoRA states differ: a process ran other code or other data."""
 
 
+def close_process_group() -> None:
+    """Tear down the default process group together: every process waits for the others first. A process that
+    destroys its gloo group while another is still between collectives (e.g. after a StateDriftError raised on
+    both) can abort the other in gloo's destructor ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:  # a process already gone: nothing left to wait for
+        pass
+    dist.destroy_process_group()
+
+
 class DataParallel:
     """The trainer's side of torch.distributed: rank, world size and the step's three collectives.
     Needs an initialised default process group (torchrun + init_process_group)."""

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from shortcut_core.data_parallel import DataParallel, StateDriftError
+from shortcut_core.data_parallel import DataParallel, StateDriftError, close_process_group
 from shortcut_core.trainer import ShortcutTrainer
 
 from test_trainer import cfg, make_latents, make_net, snapshot, velocity_of
@@ -40,7 +40,7 @@ def _worker(rank: int, world: int, init: str, out: str, batch: int, mode: str) -
             with open(os.path.join(out, f"losses{rank}.txt"), "w") as f:
                 f.write(json.dumps(tr.losses))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def _spawn(tmp_path, world: int, batch: int, mode: str = "train") -> None:
