@@ -84,15 +84,23 @@ def budget_steps(teacher: Teacher, budgets) -> tuple[int, ...]:
     return tuple(max(1, round(teacher.config.steps * b)) for b in budgets)
 
 
-def curves(teacher: Teacher, recipes: dict[str, TrainingRecipe], budgets) -> list[Point]:
+# The named recipes, and candidates measured beside them: (the config's recipe name, the per-step levers).
+CANDIDATES = {
+    **{name: (name, recipe) for name, recipe in TRAINING_RECIPES.items()},
+    "fast, then paper from 1/2": ("fast", replace(TRAINING_RECIPES["fast"], coarse_share=0.5)),
+}
+
+
+def curves(teacher: Teacher, recipes: list[str], budgets, **run) -> list[Point]:
     points = []
     steps = budget_steps(teacher, budgets)
-    for name, recipe in recipes.items():
+    for name in recipes:
+        base, recipe = CANDIDATES[name]
         if recipe == TRAINING_RECIPES["paper"]:
-            points += train(teacher, name, None, steps[-1], steps, recipe=name)
+            points += train(teacher, name, recipe, steps[-1], steps, recipe=base, **run)
         else:
             for n in steps:
-                points += train(teacher, name, None, n, (n,), recipe=name)
+                points += train(teacher, name, recipe, n, (n,), recipe=base, **run)
         print(f"  {teacher.name} {name}: " + ", ".join(f"{p.steps} steps 3-step {p.rmse[3]:.4f}" for p in points
                                                        if p.recipe == name), flush=True)
     return points
@@ -126,6 +134,14 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         "t_skip 4, teacher 64": (paper, {"t_skip": 4, "teacher_min_steps": 64, "teacher_max_steps": 64}),
         "t_skip 4 for 1/3, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 3), {"recipe": "fast"}),
         "t_skip 4 for 1/2, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 2), {"recipe": "fast"}),
+        # 1/2 of the steps at 7/5 of the forwards: 1.2x the paper's compute, so 1/1.2 of the steps
+        "t_skip 4 for 1/2, then 2, equal compute": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 2),
+                                                    {"recipe": "fast", "_steps": 1 / 1.2}),
+        # iCT's c = 0.00054 sqrt(d) on the norm is 0.00054 on the per-element RMS
+        "pseudo-Huber loss, c 5.4e-4": (replace(paper, huber_c=5.4e-4), {}),
+        "pseudo-Huber loss, c 0.03": (replace(paper, huber_c=0.03), {}),
+        # the calibration picks shifts below the training draw on every tiny teacher: train where it samples
+        "shift draw x2/3": (paper, {"shift_min": cfg.shift_min * 2 / 3, "shift_max": cfg.shift_max * 2 / 3}),
         "t_skip 4 + cosine decay": (replace(paper, decay="cosine", final_lr=0.0), {"t_skip": 4}),
         "t_skip 4 + lr x0.5": (replace(paper, lr_scale=0.5), {"t_skip": 4}),
         "EMA warm-up 2/3 + lr x2": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3, lr_scale=2.0), {}),
@@ -133,7 +149,7 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
     }
 
 
-def run_ablations(teacher: Teacher, share: float, only: list[str] | None) -> list[Point]:
+def run_ablations(teacher: Teacher, share: float, only: list[str] | None, **run) -> list[Point]:
     points = []
     steps = budget_steps(teacher, (share,))[0]
     for name, (recipe, overrides) in ablations(teacher).items():
@@ -141,7 +157,7 @@ def run_ablations(teacher: Teacher, share: float, only: list[str] | None) -> lis
             continue
         overrides = {"recipe": "paper", **overrides}
         n = max(1, round(steps * overrides.pop("_steps", 1.0)))
-        points += train(teacher, name, recipe, n, (n,), **overrides)
+        points += train(teacher, name, recipe, n, (n,), **{**overrides, **run})
         p = points[-1]
         print(f"  {teacher.name} {name}: {p.steps} steps {p.seconds:.0f} s, RMSE 1/2/3/4 "
               + " / ".join(f"{p.rmse[k]:.4f}" for k in STEP_COUNTS) + f", FD3 {p.fd3:.3f}", flush=True)
@@ -178,7 +194,7 @@ def plot(points: list[Point], path: Path, panel: tuple[int, int] = (360, 260)) -
     x_label = "training steps (log); y: RMSE to the teacher's 128-step samples (log), calibrated recipe"
     draw.text((10, rows * h + 8), x_label, fill=(0, 0, 0))
     legend = "  ".join(f"{r}" for r in dict.fromkeys(p.recipe for p in points))
-    draw.text((10, rows * h + 22), "grey: paper, orange: fast; dotted 1 step, dashed 2, solid 3, long dash 4. "
+    draw.text((10, rows * h + 22), "grey: paper, orange: fast, blue: other; dotted 1 step, dashed 2, solid 3, long dash 4. "
               + legend, fill=(0, 0, 0))
     for i, name in enumerate(names):
         ox, oy = (i % cols) * w, (i // cols) * h
@@ -228,7 +244,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS) + ["none"])
     ap.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="shares of each full budget")
-    ap.add_argument("--recipes", nargs="+", default=list(TRAINING_RECIPES), choices=list(TRAINING_RECIPES))
+    ap.add_argument("--recipes", nargs="+", default=list(TRAINING_RECIPES), choices=list(CANDIDATES))
     ap.add_argument("--ablate", action="store_true", help="the levers one by one at --share of the budget")
     ap.add_argument("--share", type=float, default=1 / 3, help="the budget share of the ablation")
     ap.add_argument("--only", nargs="*", default=None, help="ablation names to run (default all)")
@@ -238,11 +254,14 @@ def main(argv: list[str] | None = None) -> list[Point]:
                     help="points from earlier --out runs (json) to table and plot with this run's; with --teachers "
                          "none, only those")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the training seed (draws, LoRA init, calibration noises; default the teacher config's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line())
     teachers, points = {}, []
+    run = {} if args.seed is None else {"seed": args.seed}
     for saved in args.load:
         for p in json.loads(saved.read_text()):
             p["rmse"] = {int(k): v for k, v in p["rmse"].items()}
@@ -258,9 +277,9 @@ def main(argv: list[str] | None = None) -> list[Point]:
               + ", RMSE 1/2/3/4 steps " + " / ".join(f"{teacher.teacher_rmse[n]:.4f}" for n in STEP_COUNTS) + " "
               f"({time.perf_counter() - started:.0f} s to set up)", flush=True)
         if args.ablate:
-            points += run_ablations(teacher, args.share, args.only)
+            points += run_ablations(teacher, args.share, args.only, **run)
         else:
-            points += curves(teacher, {r: TRAINING_RECIPES[r] for r in args.recipes}, args.budgets)
+            points += curves(teacher, args.recipes, args.budgets, **run)
     text = table(points)
     print()
     print(text)

@@ -199,9 +199,15 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
     return target
 
 
-def shortcut_loss(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item mean squared error in float32 and its batch mean: (loss, per_item)."""
+def shortcut_loss(prediction: torch.Tensor, target: torch.Tensor, huber_c: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the per-item mean squared error in float32). The loss is the batch mean of the
+    per-item MSE (the paper's), or with huber_c > 0 of the pseudo-Huber sqrt(mse + c^2) - c (Song & Dhariwal's
+    improved consistency training; c in units of the per-element RMS error), which weighs an item's gradient
+    by 1 / its error: no item with a large error (a long jump, an early EMA) dominates the batch."""
     per_item = (prediction.float() - target.float()).pow(2).reshape(prediction.shape[0], -1).mean(dim=1)
+    if huber_c > 0:
+        return ((per_item + huber_c ** 2).sqrt() - huber_c).mean(), per_item
     return per_item.mean(), per_item
 
 

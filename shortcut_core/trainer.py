@@ -245,8 +245,8 @@ class ShortcutTrainer:
                 with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,
                                        clone_inputs=self.clone_block_inputs):
                     prediction = self.velocity(x_t, t, **extra)
-                    loss, per_item = shortcut_loss(prediction, target)
-                    loss_value = float(loss.detach())
+                    loss, per_item = shortcut_loss(prediction, target, self.training_recipe.huber_c)
+                    loss_value = float(per_item.detach().mean())  # the MSE, whatever loss is minimised
                     finite = math.isfinite(loss_value)
                     if self.parallel is not None:  # every process stops at the same micro-batch
                         finite = not self.parallel.any(not finite, self.device)

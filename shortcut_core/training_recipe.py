@@ -32,6 +32,8 @@ class TrainingRecipe:
     # teacher share: from teacher_start at step 0 down to the config's teacher_ratio at teacher_ramp of the run
     teacher_start: float | None = None
     teacher_ramp: float = 0.0
+    # the loss: 0 the paper's mean squared error; > 0 pseudo-Huber with this c (objective.shortcut_loss)
+    huber_c: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -39,7 +41,7 @@ class TrainingRecipe:
         for name, value, low, high in (("warmup", self.warmup, 0.0, 1.0), ("coarse_share", self.coarse_share, 0.0, 1.0), ("final_lr", self.final_lr, 0.0, 1.0),
                                        ("lr_scale", self.lr_scale, 1e-6, 1e6), ("fast_ema_power", self.fast_ema_power, 0.0, 1.0),
                                        ("slow_ema_power", self.slow_ema_power, 0.0, 1.0),
-                                       ("teacher_ramp", self.teacher_ramp, 0.0, 1.0)):
+                                       ("teacher_ramp", self.teacher_ramp, 0.0, 1.0), ("huber_c", self.huber_c, 0.0, 1e3)):
             if not (isinstance(value, (int, float)) and low <= value <= high):
                 raise ValueError(f"TrainingRecipe.{name} must be a number from {low:g} to {high:g} (got {value!r})")
         if not (isinstance(self.t_skip, int) and self.t_skip >= 2 and self.t_skip % 2 == 0):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shortcut_core.config import ConfigError, ShortcutConfig
+from shortcut_core.objective import shortcut_loss
 from shortcut_core.trainer import ShortcutTrainer
 from shortcut_core.training_recipe import (PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at,
                                            teacher_ratio_at)
@@ -49,7 +50,7 @@ def test_teacher_share_ramps_to_the_configs():
 
 
 @pytest.mark.parametrize("bad", [dict(decay="step"), dict(warmup=1.5), dict(final_lr=-0.1),
-                                 dict(slow_ema_power=2.0), dict(teacher_start=1.2)])
+                                 dict(slow_ema_power=2.0), dict(teacher_start=1.2), dict(huber_c=-0.1)])
 def test_a_bad_lever_names_itself(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainingRecipe(**bad)
@@ -105,3 +106,28 @@ def test_levers_change_values_not_the_draws():
     assert lrs != paper_lrs and max(lrs) == pytest.approx(CONFIG.learning_rate) and lrs[-1] < lrs[2]
     assert moved.losses != paper.losses
     assert all(math.isfinite(v) for v in moved.losses)
+
+
+def test_the_pseudo_huber_loss_keeps_an_item_with_a_large_error_from_dominating():
+    target = torch.zeros(2, 4, 3)
+    prediction = torch.stack([torch.full((4, 3), 0.01), torch.full((4, 3), 1.0)]).requires_grad_()
+    grads = {}
+    for c in (0.0, 1e-4):
+        loss, per_item = shortcut_loss(prediction, target, huber_c=c)
+        assert torch.allclose(per_item, torch.tensor([1e-4, 1.0]))  # always the per-item MSE
+        (grad,) = torch.autograd.grad(loss, prediction)
+        grads[c] = grad.reshape(2, -1).norm(dim=1)
+        if c == 0:
+            assert loss == per_item.mean()
+        else:
+            assert float(loss) == pytest.approx(float(((per_item + c * c).sqrt() - c).mean()))
+    assert float(grads[0.0][1] / grads[0.0][0]) == pytest.approx(100.0, rel=1e-4)  # MSE: 100x the pull
+    assert float(grads[1e-4][1] / grads[1e-4][0]) == pytest.approx(1.0, rel=0.02)  # pseudo-Huber: the same
+
+
+def test_a_pseudo_huber_run_reports_the_mse_and_trains_otherwise():
+    paper, _, paper_rng = _run(PAPER, CONFIG)
+    huber, _, rng = _run(TrainingRecipe(huber_c=0.03), CONFIG)
+    assert torch.equal(rng, paper_rng)
+    assert huber.losses[0] == paper.losses[0]  # the first step's loss is measured before any update
+    assert huber.losses != paper.losses and all(math.isfinite(v) for v in huber.losses)
