@@ -1,8 +1,9 @@
 """How SCFM's few-step quality grows with training, per teacher and training recipe.
 
-    python -m benchmarks.convergence                       # the table and plot: paper vs fast on every teacher
-    python -m benchmarks.convergence --ablate              # each lever alone, at a third of the budget
-    python -m benchmarks.convergence --teachers digits scenes --budgets 0.111 0.333 1
+    python -m benchmarks.convergence --recipes paper fast "fast, then paper from 1/2" \
+        --out docs/convergence-curves --plot docs/convergence.png    # the curves on every teacher
+    python -m benchmarks.convergence --ablate --out docs/convergence-levers   # each lever alone, equal compute
+    python -m benchmarks.convergence --teachers digits scenes --budgets 0.111 0.333 1 --seeds 1 2
 
 For each teacher (benchmarks/teachers.py) and recipe, SCFM runs for a share of the teacher's full budget; after
 each run the calibration (16 held-out noises, shortcut_core.calibration) picks the recipe per step count, and the
@@ -12,7 +13,9 @@ the teacher's own 32-step FD, so a recipe that wins on distance by blurring show
 only. The paper's recipe holds its learning rate, EMA decays and teacher share constant, so its shorter budgets
 are measured along one run; a recipe whose schedule follows the run length gets one run per budget.
 
-Writes docs/convergence.md (the tables) and docs/convergence.png (3-step RMSE against training steps).
+--out writes the tables (markdown; for ablations led by each lever's ratios to the paper's recipe on every
+teacher) and the points (json, for --load); --plot the RMSE against training steps (PNG). docs/convergence.md
+reads them.
 """
 
 from __future__ import annotations
@@ -132,6 +135,9 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
                                                        {"t_skip": 4, "_steps": 5 / 7}),
         "t_skip 4 + lr x2, equal compute": (replace(paper, lr_scale=2.0), {"t_skip": 4, "_steps": 5 / 7}),
         "t_skip 4, teacher 64": (paper, {"t_skip": 4, "teacher_min_steps": 64, "teacher_max_steps": 64}),
+        "t_skip 4, teacher 64, equal compute": (paper, {"t_skip": 4, "teacher_min_steps": 64,
+                                                        "teacher_max_steps": 64, "_steps": 5 / 7}),
+        "teacher 64": (paper, {"teacher_min_steps": 64, "teacher_max_steps": 64}),
         "t_skip 4 for 1/3, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 3), {"recipe": "fast"}),
         "t_skip 4 for 1/2, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 2), {"recipe": "fast"}),
         # 1/2 of the steps at 7/5 of the forwards: 1.2x the paper's compute, so 1/1.2 of the steps
@@ -172,6 +178,29 @@ def table(points: list[Point]) -> str:
                     + [f"{p.fd3:.3f} ({p.fd3 / p.teacher_fd32:.2f}x)"])
     return markdown_table(["teacher", "recipe", "steps", "train s", "RMSE 1 step", "2 steps", "3 steps", "4 steps",
                            "FD 3 steps (/ teacher 32)"], rows)
+
+
+def versus_paper(points: list[Point]) -> str | None:
+    """Each lever against the paper's recipe, per teacher: 3-step RMSE and FD as ratios to the paper's (below 1
+    is better), for ablation points (one paper point per teacher); None for other points."""
+    names = list(dict.fromkeys(p.teacher for p in points))
+    paper = {t: [p for p in points if p.teacher == t and p.recipe == "paper"] for t in names}
+    if not names or any(len(v) != 1 for v in paper.values()):
+        return None
+    rows = []
+    for recipe in dict.fromkeys(p.recipe for p in points if p.recipe != "paper"):
+        cells, wins = [], 0
+        for t in names:
+            mine = [p for p in points if p.teacher == t and p.recipe == recipe]
+            if not mine:
+                cells.append("")
+                continue
+            base = paper[t][0]
+            rmse, fd = mine[0].rmse[3] / base.rmse[3], mine[0].fd3 / base.fd3
+            wins += rmse < 1 and fd < 1
+            cells.append(f"{rmse:.2f} / {fd:.2f}")
+        rows.append([recipe, *cells, f"{wins} of {len(names)}"])
+    return markdown_table(["lever (3-step RMSE / FD, over the paper's)", *names, "better on both"], rows)
 
 
 COLOURS = {"paper": (90, 90, 90), "fast": (214, 96, 20)}
@@ -254,14 +283,14 @@ def main(argv: list[str] | None = None) -> list[Point]:
                     help="points from earlier --out runs (json) to table and plot with this run's; with --teachers "
                          "none, only those")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=None,
-                    help="the training seed (draws, LoRA init, calibration noises; default the teacher config's)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="training seeds (draws, LoRA init, calibration noises; default the teacher config's); with "
+                         "more than one, each point's recipe is labelled with its seed")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line())
     teachers, points = {}, []
-    run = {} if args.seed is None else {"seed": args.seed}
     for saved in args.load:
         for p in json.loads(saved.read_text()):
             p["rmse"] = {int(k): v for k, v in p["rmse"].items()}
@@ -276,16 +305,24 @@ def main(argv: list[str] | None = None) -> list[Point]:
               + " / ".join(f"{teacher.teacher_fd[n]:.3f}" for n in (1, 2, 3, 4, 32))
               + ", RMSE 1/2/3/4 steps " + " / ".join(f"{teacher.teacher_rmse[n]:.4f}" for n in STEP_COUNTS) + " "
               f"({time.perf_counter() - started:.0f} s to set up)", flush=True)
-        if args.ablate:
-            points += run_ablations(teacher, args.share, args.only, **run)
-        else:
-            points += curves(teacher, args.recipes, args.budgets, **run)
+        for seed in args.seeds or (None,):
+            run = {} if seed is None else {"seed": seed}
+            mine = (run_ablations(teacher, args.share, args.only, **run) if args.ablate
+                    else curves(teacher, args.recipes, args.budgets, **run))
+            if args.seeds and len(args.seeds) > 1:
+                mine = [replace(p, recipe=f"{p.recipe} (seed {seed})") for p in mine]
+            points += mine
     text = table(points)
+    summary = versus_paper(points)
+    if summary:
+        text = f"{summary}\n\n{text}"
     print()
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(f"{machine_line()}\n\n{text}\n")
+        ran = [n for n in args.teachers if n != "none"]
+        header = machine_line() if ran else "points measured by earlier runs: " + ", ".join(map(str, args.load))
+        args.out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
         args.out.with_suffix(".json").write_text(json.dumps([p.__dict__ for p in points], indent=1))
     if args.plot:
         plot(points, args.plot)
