@@ -158,7 +158,8 @@ def euler_walk(velocity: VelocityFn, x: torch.Tensor, times: torch.Tensor, extra
 def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, draw: ShortcutDraw, *,
                             teacher: VelocityFn, fast_ema: VelocityFn, slow_ema: VelocityFn,
                             extra_args: Mapping[str, Any] | None = None,
-                            first_half: Callable[[torch.Tensor], VelocityFn] | None = None) -> torch.Tensor:
+                            first_half: Callable[[torch.Tensor], VelocityFn] | None = None,
+                            teacher_walk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SCFM regression target for every item of the batch (at least float32, shaped like x_t).
 
     FLOW items get noise - x0. A shortcut item at t = t[start] gets
@@ -166,6 +167,8 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
     over t_skip Euler sub-steps: the first half walked by `teacher` (TEACHER items) or `fast_ema`
     (SELF items), the second half by `slow_ema`. Items of one role share each forward; with
     `first_half(roles)` (a velocity running item i as roles[i]) the whole first half is one walk.
+    `teacher_walk`: the TEACHER items' first half already walked (x at the half, displacement; in batch order,
+    e.g. recorded while the teacher sampled: trajectories.py); those items then run no forward in it.
     """
     extra_args = {} if extra_args is None else extra_args
     batch = x_t.shape[0]
@@ -179,7 +182,12 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
     x_mid = x_t.clone()
     displacement = torch.zeros(x_t.shape, dtype=target.dtype, device=x_t.device)
     pairs = ((ItemRole.TEACHER, teacher), (ItemRole.SELF, fast_ema))
-    if first_half is not None:  # every shortcut item in one walk, each with its own role
+    if teacher_walk is not None:
+        idx = torch.nonzero(role == ItemRole.TEACHER).flatten().to(x_t.device)
+        x_mid[idx] = teacher_walk[0].to(x_t.dtype)
+        displacement[idx] = teacher_walk[1].to(target.dtype)
+        pairs = ((ItemRole.SELF, fast_ema),)
+    elif first_half is not None:  # every shortcut item in one walk, each with its own role
         pairs = ((None, first_half(role[shortcut])),)
     for item_role, velocity in pairs:
         idx = shortcut if item_role is None else torch.nonzero(role == item_role).flatten()

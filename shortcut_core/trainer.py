@@ -35,6 +35,7 @@ from .optimizer_offload import OffloadedAdamW
 from .safetensors_io import SafetensorsFileError
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
+from .trajectories import TeacherTrajectories, place_teacher_items, recorded_teacher_walk
 from .training_recipe import PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 
 
@@ -111,7 +112,8 @@ class ShortcutTrainer:
                  teacher_lora: Mapping[str, LoraWeights] | None = None, init_lora: Mapping[str, LoraWeights] | None = None,
                  blocks: Sequence[nn.Module] = (), clone_block_inputs: bool = True, token_count: int | None = None,
                  device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32,
-                 parallel: DataParallel | None = None, training_recipe: TrainingRecipe | None = None):
+                 parallel: DataParallel | None = None, training_recipe: TrainingRecipe | None = None,
+                 trajectories: TeacherTrajectories | None = None):
         self.config = config = config if config is not None else ShortcutConfig()
         # how learning rate, EMA decays and teacher share move over the run (None: the config's named recipe's;
         # the sub-steps are the config's: ShortcutConfig.substeps)
@@ -122,6 +124,16 @@ class ShortcutTrainer:
         self.parallel = parallel  # data parallel (see data_parallel.py): this process's shard of every batch
         self.latents = _check_latents(latents)
         n = self.latents.shape[0]
+        # data-free: the teacher's walks that made the latents; TEACHER items then start on them (trajectories.py)
+        if trajectories is not None and (trajectories.states.shape[0] != n
+                                         or trajectories.states.shape[2:] != self.latents.shape[1:]):
+            raise TrainingDataError(f"trajectories: {trajectories.states.shape[0]} walks of "
+                                    f"{list(trajectories.states.shape[2:])} for {n} latents of "
+                                    f"{list(self.latents.shape[1:])}; pass the walks that made the latents")
+        if trajectories is not None and trajectories.steps % config.substeps:
+            raise TrainingDataError(f"trajectories: {trajectories.steps} steps, not a multiple of t_skip "
+                                    f"({config.substeps}); record the teacher's walks at a multiple of it")
+        self.trajectories = trajectories
         self.extra_args = dict(extra_args or {})
         for key, value in self.extra_args.items():
             if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != n):
@@ -200,7 +212,7 @@ class ShortcutTrainer:
         return velocity
 
     # ------------------------------------------------------------------ one step
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], ShortcutDraw]:
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], ShortcutDraw, torch.Tensor]:
         """The micro-batch's items, noise and draws. Data parallel: every process draws the whole batch of
         all processes from the same generator and keeps its shard (the draws of one process with that batch)."""
         cfg, g, n = self.config, self.generator, self.latents.shape[0]
@@ -212,12 +224,14 @@ class ShortcutTrainer:
             cfg = self._fine_config
         draw = draw_shortcut_items(total, cfg, g, self.token_count,
                                    teacher_ratio_at(self.step_count, cfg.steps, cfg.teacher_ratio, self.training_recipe))
+        if self.trajectories is not None:
+            draw = place_teacher_items(draw, self.trajectories, cfg.substeps, g)
         index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
         noise = noise[part].to(self.device, x0.dtype)
         extra = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                  for k, v in select_items(self.extra_args, index, n).items()}
-        return x0, noise, extra, draw
+        return x0, noise, extra, draw, index
 
     def step(self) -> StepReport:
         """One optimizer step (grad_accum_steps micro-batches). Exceptions before the update leave
@@ -232,14 +246,19 @@ class ShortcutTrainer:
             group["lr"] = learning_rate_at(self.step_count, cfg.steps, cfg.learning_rate, self.training_recipe)
         try:
             for _ in range(cfg.grad_accum_steps):
-                x0, noise, extra, draw = self._micro_batch()
+                x0, noise, extra, draw, index = self._micro_batch()
                 if draw.guidance is not None:
                     extra["guidance"] = draw.guidance.to(self.device)
                 t = draw.t.to(self.device)
                 x_t = interpolate(x0, noise, t)
+                teacher_walk = None
+                if self.trajectories is not None:
+                    on_walk, x_half, moved = recorded_teacher_walk(self.trajectories, index, draw, self.device)
+                    x_t[torch.nonzero(draw.role == ItemRole.TEACHER).flatten().to(self.device)] = on_walk.to(x_t.dtype)
+                    teacher_walk = (x_half, moved)
                 target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
                                                  fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
-                                                 extra_args=extra, first_half=self._first_half)
+                                                 extra_args=extra, first_half=self._first_half, teacher_walk=teacher_walk)
                 # The student runs last and its backward follows at once, so a recomputing
                 # checkpoint replays the forward with the student adapter still active.
                 with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,

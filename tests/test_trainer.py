@@ -450,7 +450,7 @@ def test_per_item_extra_arguments_follow_their_latents():
     cond = torch.arange(30, dtype=torch.float32).reshape(10, 3)
     with ShortcutTrainer(net, velocity_of(net), latents, cfg(steps=2), extra_args={"cond": cond}) as tr:
         for _ in range(3):
-            x0, noise, extra, _ = tr._micro_batch()
+            x0, noise, extra, _, _ = tr._micro_batch()
             for row in range(x0.shape[0]):
                 index = [k for k in range(10) if torch.equal(latents[k], x0[row])]
                 assert len(index) == 1
@@ -535,7 +535,7 @@ def test_a_step_averages_its_micro_batches(accum):
         rng = tr.generator.get_state()
         losses, grads = [], [torch.zeros_like(p) for p in params]
         for _ in range(accum):
-            x0, noise, extra, draw = tr._micro_batch()
+            x0, noise, extra, draw, _ = tr._micro_batch()
             extra["guidance"] = draw.guidance
             x_t = interpolate(x0, noise, draw.t)
             target = average_velocity_target(x_t, x0, noise, draw, teacher=tr.velocity_as(TEACHER),
