@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from shortcut_core import ShortcutTrainer
-from shortcut_core.adapters import STUDENT
+from shortcut_core.adapters import STUDENT, TEACHER
+from shortcut_core.calibration import sample_distance
 from shortcut_core.training_recipe import TRAINING_RECIPES, TrainingRecipe
 
 from .report import machine_line, markdown_table
-from .teachers import TEACHERS, Teacher
+from .teachers import TEACHERS, Teacher, euler_samples
 
 STEP_COUNTS = (1, 2, 3, 4)
 BUDGETS = (1 / 9, 1 / 3, 1.0)
@@ -49,13 +51,38 @@ class Point:
     fd3: float                   # FD of the calibrated 3-step samples to the real data
     teacher_fd32: float          # the teacher's own at 32 steps
     recipes: dict[int, tuple[float, float]]   # per step count: (strength, shift)
+    # with --before: the RMSE per step count at the one recipe 0.4.0's calibration gave for every step count
+    before: dict[int, float] = field(default_factory=dict)
 
 
-def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, seconds: float) -> Point:
+# 0.4.0's calibration: at the LoRA's own step count only, strengths 1-1.75 x the LoRA's shift and its neighbours
+BEFORE_STRENGTHS = (1.0, 1.25, 1.5, 1.75)
+BEFORE_SHIFTS = (1 / 1.5, 1.0, 1.5)
+
+
+def before_recipe(trainer: ShortcutTrainer, noise: torch.Tensor, args: dict, reference_steps: int
+                  ) -> tuple[float, float]:
+    """The (strength, shift) 0.4.0's calibration chose from the same held-out noises; a user then sampled every
+    step count with it."""
+    cfg = trainer.config
+
+    def student(strength: float):
+        return lambda noise, sigmas, args: trainer.sample_as(STUDENT, noise, sigmas, args, strength)
+
+    reference = euler_samples(None, noise, args, reference_steps, cfg.sample_shift,
+                              lambda noise, sigmas, args: trainer.sample_as(TEACHER, noise, sigmas, args))
+    scored = [(sample_distance(euler_samples(None, noise, args, cfg.sample_steps, cfg.sample_shift * k,
+                                             student(strength)), reference), strength, cfg.sample_shift * k)
+              for strength in BEFORE_STRENGTHS for k in BEFORE_SHIFTS]
+    return min(scored)[1:]
+
+
+def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, seconds: float,
+            before: bool = False) -> Point:
     noise, args = teacher.calibration_noise(trainer.config.seed)
     calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
                                     step_counts=STEP_COUNTS)
-    rmse, recipes, fd3 = {}, {}, float("nan")
+    rmse, recipes, fd3, was = {}, {}, float("nan"), {}
     for n in STEP_COUNTS:
         chosen, _ = calibration.best_for(n)
         samples = teacher.sample(n, chosen.shift, lambda noise, sigmas, args: trainer.sample_as(
@@ -64,22 +91,30 @@ def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, second
         recipes[n] = (chosen.strength, chosen.shift)
         if n == 3:
             fd3 = teacher.fd(samples)
-    return Point(teacher.name, recipe_name, trainer.step_count, seconds, rmse, fd3, teacher.teacher_fd[32], recipes)
+    if before:
+        strength, shift = before_recipe(trainer, noise, args, teacher.config.reference_steps)
+        for n in STEP_COUNTS:
+            was[n] = teacher.rmse(teacher.sample(n, shift, lambda noise, sigmas, args: trainer.sample_as(
+                STUDENT, noise, sigmas, args, strength)))
+    return Point(teacher.name, recipe_name, trainer.step_count, seconds, rmse, fd3, teacher.teacher_fd[32], recipes,
+                 was)
 
 
 def train(teacher: Teacher, recipe_name: str, schedules: TrainingRecipe | None, total: int,
-          eval_at: tuple[int, ...], **overrides) -> list[Point]:
+          eval_at: tuple[int, ...], trajectories: bool = False, before: bool = False, **overrides) -> list[Point]:
     """One SCFM run of `total` steps on the teacher, measured after each of `eval_at` steps. `schedules`: the
-    per-step levers (None: those of the config's named recipe, overrides["recipe"])."""
+    per-step levers (None: those of the config's named recipe, overrides["recipe"]); `trajectories`: teacher
+    items on the teacher's recorded walks (data-free teachers); `before`: also measure at 0.4.0's recipe."""
     config = teacher.config.replace(steps=total, **overrides)
     points, seconds = [], 0.0
     with ShortcutTrainer(teacher.module, teacher.velocity, teacher.latents, config, extra_args=teacher.extra_args,
-                         blocks=teacher.blocks, training_recipe=schedules) as trainer:
+                         blocks=teacher.blocks, training_recipe=schedules,
+                         trajectories=teacher.trajectories if trajectories else None) as trainer:
         for stop in eval_at:
             started = time.perf_counter()
             trainer.run(stop, progress=False)
             seconds += time.perf_counter() - started
-            points.append(measure(teacher, trainer, recipe_name, seconds))
+            points.append(measure(teacher, trainer, recipe_name, seconds, before))
     return points
 
 
@@ -94,16 +129,16 @@ CANDIDATES = {
 }
 
 
-def curves(teacher: Teacher, recipes: list[str], budgets, **run) -> list[Point]:
+def curves(teacher: Teacher, recipes: list[str], budgets, before: bool = False, **run) -> list[Point]:
     points = []
     steps = budget_steps(teacher, budgets)
     for name in recipes:
         base, recipe = CANDIDATES[name]
         if recipe == TRAINING_RECIPES["paper"]:
-            points += train(teacher, name, recipe, steps[-1], steps, recipe=base, **run)
+            points += train(teacher, name, recipe, steps[-1], steps, before=before, recipe=base, **run)
         else:
             for n in steps:
-                points += train(teacher, name, recipe, n, (n,), recipe=base, **run)
+                points += train(teacher, name, recipe, n, (n,), before=before, recipe=base, **run)
         print(f"  {teacher.name} {name}: " + ", ".join(f"{p.steps} steps 3-step {p.rmse[3]:.4f}" for p in points
                                                        if p.recipe == name), flush=True)
     return points
@@ -138,6 +173,10 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         "t_skip 4, teacher 64, equal compute": (paper, {"t_skip": 4, "teacher_min_steps": 64,
                                                         "teacher_max_steps": 64, "_steps": 5 / 7}),
         "teacher 64": (paper, {"teacher_min_steps": 64, "teacher_max_steps": 64}),
+        # data-free teachers only: teacher items start on the recorded walks and skip their teacher half (its
+        # forward), 5 - 0.4 forwards an item a step against 5, so 5 / 4.6 of the steps at equal compute
+        "teacher trajectories": (paper, {"_trajectories": True}),
+        "teacher trajectories, equal compute": (paper, {"_trajectories": True, "_steps": 5 / 4.6}),
         "t_skip 4 for 1/3, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 3), {"recipe": "fast"}),
         "t_skip 4 for 1/2, then 2": (replace(TRAINING_RECIPES["fast"], coarse_share=1 / 2), {"recipe": "fast"}),
         # 1/2 of the steps at 7/5 of the forwards: 1.2x the paper's compute, so 1/1.2 of the steps
@@ -163,7 +202,10 @@ def run_ablations(teacher: Teacher, share: float, only: list[str] | None, **run)
             continue
         overrides = {"recipe": "paper", **overrides}
         n = max(1, round(steps * overrides.pop("_steps", 1.0)))
-        points += train(teacher, name, recipe, n, (n,), **{**overrides, **run})
+        trajectories = overrides.pop("_trajectories", False)
+        if trajectories and teacher.trajectories is None:
+            continue  # a lever of data-free mode: this teacher trains on data
+        points += train(teacher, name, recipe, n, (n,), trajectories, **{**overrides, **run})
         p = points[-1]
         print(f"  {teacher.name} {name}: {p.steps} steps {p.seconds:.0f} s, RMSE 1/2/3/4 "
               + " / ".join(f"{p.rmse[k]:.4f}" for k in STEP_COUNTS) + f", FD3 {p.fd3:.3f}", flush=True)
@@ -180,27 +222,81 @@ def table(points: list[Point]) -> str:
                            "FD 3 steps (/ teacher 32)"], rows)
 
 
+SEED_LABEL = re.compile(r"^(.*) \(seed (\d+)\)$")
+
+
+def recipe_and_seed(label: str) -> tuple[str, int | None]:
+    """A point's recipe label without the " (seed N)" that --seeds adds, and N (None where there is none)."""
+    m = SEED_LABEL.match(label)
+    return (m[1], int(m[2])) if m else (label, None)
+
+
 def versus_paper(points: list[Point]) -> str | None:
-    """Each lever against the paper's recipe, per teacher: 3-step RMSE and FD as ratios to the paper's (below 1
-    is better), for ablation points (one paper point per teacher); None for other points."""
+    """Each lever against the paper's recipe, per teacher: 3-step RMSE and FD as ratios to the paper's of the
+    same seed (below 1 is better), averaged over the seeds, with the range of the RMSE ratio where there are
+    several; for ablation points (one paper point per teacher and seed); None for other points."""
     names = list(dict.fromkeys(p.teacher for p in points))
-    paper = {t: [p for p in points if p.teacher == t and p.recipe == "paper"] for t in names}
-    if not names or any(len(v) != 1 for v in paper.values()):
+    keyed = [(p.teacher, *recipe_and_seed(p.recipe), p) for p in points]
+    paper: dict[tuple[str, int | None], list[Point]] = {}
+    for t, recipe, seed, p in keyed:
+        if recipe == "paper":
+            paper.setdefault((t, seed), []).append(p)
+    if not names or any(len(v) != 1 for v in paper.values()) or {t for t, _ in paper} != set(names):
         return None
     rows = []
-    for recipe in dict.fromkeys(p.recipe for p in points if p.recipe != "paper"):
+    for recipe in dict.fromkeys(r for _, r, _, _ in keyed if r != "paper"):
         cells, wins = [], 0
         for t in names:
-            mine = [p for p in points if p.teacher == t and p.recipe == recipe]
-            if not mine:
+            ratios = [(p.rmse[3] / paper[t, seed][0].rmse[3], p.fd3 / paper[t, seed][0].fd3)
+                      for pt, r, seed, p in keyed if pt == t and r == recipe and (t, seed) in paper]
+            if not ratios:
                 cells.append("")
                 continue
-            base = paper[t][0]
-            rmse, fd = mine[0].rmse[3] / base.rmse[3], mine[0].fd3 / base.fd3
+            rmse = sum(r for r, _ in ratios) / len(ratios)
+            fd = sum(f for _, f in ratios) / len(ratios)
             wins += rmse < 1 and fd < 1
-            cells.append(f"{rmse:.2f} / {fd:.2f}")
+            spread = f" ({min(r for r, _ in ratios):.2f}-{max(r for r, _ in ratios):.2f})" if len(ratios) > 1 else ""
+            cells.append(f"{rmse:.2f} / {fd:.2f}{spread}")
         rows.append([recipe, *cells, f"{wins} of {len(names)}"])
-    return markdown_table(["lever (3-step RMSE / FD, over the paper's)", *names, "better on both"], rows)
+    seeds = {seed for _, seed in paper}
+    if len(seeds) > 1:
+        spread = []
+        for t in names:
+            values = [paper[t, s][0].rmse[3] for s in sorted(seeds) if (t, s) in paper]
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+            spread.append(f"{100 * sd / mean:.1f}%")
+        rows.append([f"(the paper's 3-step RMSE over {len(seeds)} seeds: sd / mean)", *spread, ""])
+    head = "lever (3-step RMSE / FD, over the paper's" + (", mean over seeds (RMSE range))" if len(seeds) > 1 else ")")
+    return markdown_table([head, *names, "better on both"], rows)
+
+
+def goal_table(points: list[Point], lever: str) -> str:
+    """Issue #23's goal per teacher, each a mean over the seeds measured: the paper's recipe at its full budget
+    sampled as 0.4.0 did (one recipe from the old grid for every step count) and as today (a recipe per step
+    count from the wide search), and `lever`'s points (e.g. at a third of the budget) at today's calibration."""
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    rows = []
+    for t in dict.fromkeys(p.teacher for p in points):
+        paper = [p for p in points if p.teacher == t and recipe_and_seed(p.recipe)[0] == "paper" and p.before]
+        full = max((p.steps for p in paper), default=None)
+        paper = [p for p in paper if p.steps == full]
+        mine = [p for p in points if p.teacher == t and recipe_and_seed(p.recipe)[0] == lever]
+        if not paper:
+            continue
+        was = {n: mean([p.before[n] for p in paper]) for n in STEP_COUNTS}
+        now = {n: mean([p.rmse[n] for p in paper]) for n in STEP_COUNTS}
+        fd = mean([p.fd3 / p.teacher_fd32 for p in paper])
+        lever3 = mean([p.rmse[3] for p in mine])
+        rows.append([t, f"{len(paper)}", f"{was[3]:.4f}", f"{now[3]:.4f} ({now[3] / was[3]:.2f}x)",
+                     f"{lever3:.4f} ({lever3 / now[3]:.2f}x)" if mine else "", f"{fd:.2f}x",
+                     f"{now[2]:.4f} ({now[2] / was[3]:.2f}x)", f"{was[1]:.4f} -> {now[1]:.4f} ({now[1] / was[1]:.2f}x)"])
+    return markdown_table(["teacher", "seeds", "paper, full budget: 3 steps at 0.4.0's recipe",
+                           "3 steps, today's calibration", f"{lever}: 3 steps (/ paper full, today)",
+                           "3-step FD / teacher's 32-step", "2 steps, today (/ 0.4.0's 3 steps)",
+                           "1 step: 0.4.0 -> today"], rows)
 
 
 COLOURS = {"paper": (90, 90, 90), "fast": (214, 96, 20)}
@@ -283,6 +379,11 @@ def main(argv: list[str] | None = None) -> list[Point]:
                     help="points from earlier --out runs (json) to table and plot with this run's; with --teachers "
                          "none, only those")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--before", action="store_true",
+                    help="also measure each curve point at the one recipe 0.4.0's calibration chose (for --goal)")
+    ap.add_argument("--goal", default=None, metavar="LEVER",
+                    help="the goal table: the paper's recipe at the full budget before (0.4.0's calibration) and "
+                         "after (today's), beside LEVER's points (e.g. an ablation's, at a third of the budget)")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="training seeds (draws, LoRA init, calibration noises; default the teacher config's); with "
                          "more than one, each point's recipe is labelled with its seed")
@@ -296,6 +397,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
             p["rmse"] = {int(k): v for k, v in p["rmse"].items()}
             p["recipes"] = {int(k): tuple(v) for k, v in p["recipes"].items()}
             p.setdefault("teacher_fd32", float("nan"))
+            p["before"] = {int(k): v for k, v in p.get("before", {}).items()}
             points.append(Point(**p))
     for name in (n for n in args.teachers if n != "none"):
         started = time.perf_counter()
@@ -308,7 +410,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
         for seed in args.seeds or (None,):
             run = {} if seed is None else {"seed": seed}
             mine = (run_ablations(teacher, args.share, args.only, **run) if args.ablate
-                    else curves(teacher, args.recipes, args.budgets, **run))
+                    else curves(teacher, args.recipes, args.budgets, args.before, **run))
             if args.seeds and len(args.seeds) > 1:
                 mine = [replace(p, recipe=f"{p.recipe} (seed {seed})") for p in mine]
             points += mine
@@ -316,6 +418,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
     summary = versus_paper(points)
     if summary:
         text = f"{summary}\n\n{text}"
+    if args.goal:
+        text = f"{goal_table(points, args.goal)}\n\n{text}"
     print()
     print(text)
     if args.out:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from shortcut_core import ShortcutConfig, sample_euler, shifted_schedule
+from shortcut_core.trajectories import TeacherTrajectories, record_euler_trajectories
 
 from .digits import cached_weights, default_cache_dir, frechet_distance
 
@@ -58,6 +59,7 @@ class Teacher:
     features: Callable[[torch.Tensor], torch.Tensor]
     make_args: Callable[[int, int], dict[str, Any]]   # (count, seed) -> per-item arguments for fresh noises
     blocks: tuple[nn.Module, ...] = ()          # repeated blocks (ShortcutTrainer's blocks: some add in place)
+    trajectories: TeacherTrajectories | None = None   # data-free: the teacher's walks that made the latents
     eval_noise: torch.Tensor = field(init=False)
     eval_args: dict[str, Any] = field(init=False)
     reference: torch.Tensor = field(init=False)
@@ -174,12 +176,15 @@ def family_teacher(family: str, seed: int = 0) -> Teacher:
         noise = torch.randn(count, *latent, generator=torch.Generator().manual_seed(noise_seed))
         return euler_samples(velocity, noise, make_args(count, noise_seed), steps, 1.0)
 
-    latents = teacher_samples(64, 7 + seed, 32)
+    # ... recorded with every state of the walk, for the trajectory-target lever (teacher_samples' very walk)
+    noise = torch.randn(64, *latent, generator=torch.Generator().manual_seed(7 + seed))
+    with torch.no_grad():
+        walks = record_euler_trajectories(velocity, noise, shifted_schedule(32, 1.0), make_args(64, 7 + seed))
     families = comfy_host.pack_module("host.families")
     return Teacher(family, f"ComfyUI {family} class at tiny width, {list(latent)} latents, data-free",
-                   net, velocity, latents, make_args(64, 0), config, 1.0,
+                   net, velocity, walks.latents, make_args(64, 0), config, 1.0,
                    teacher_samples(2000, 99, 128), lambda x: x.flatten(1)[:, :: max(1, x[0].numel() // 128)],
-                   make_args, tuple(families.repeated_blocks(net)))
+                   make_args, tuple(families.repeated_blocks(net)), walks)
 
 
 TEACHERS: dict[str, Callable[[], Teacher]] = {

@@ -53,3 +53,34 @@ def test_the_plot_draws_a_panel_per_teacher(tmp_path):
     plot(points, tmp_path / "plot.png", panel=(300, 200))
     image = Image.open(tmp_path / "plot.png")
     assert image.size == (600, 2 * 200 + 40)  # two columns, two rows of panels, a legend
+
+
+def test_levers_over_several_seeds_are_ratios_to_the_same_seeds_paper_averaged():
+    """With --seeds each point is labelled with its seed; a lever is compared with the paper's run of its own
+    seed, and the table gives the mean ratio, the range, and the paper's own spread over seeds."""
+    points = [_point("a", "paper (seed 0)", 0.2, 2.0), _point("a", "paper (seed 1)", 0.1, 1.0),
+              _point("a", "lever (seed 0)", 0.1, 1.0), _point("a", "lever (seed 1)", 0.17, 0.5)]
+    table = versus_paper(points)
+    lever = next(line for line in table.splitlines() if line.split("|")[1].strip() == "lever")
+    # RMSE ratios 0.5 and 1.7: mean 1.1, so not better; FD ratios 0.5 and 0.5
+    assert "1.10 / 0.50 (0.50-1.70)" in lever and "0 of 1" in lever
+    spread = next(line for line in table.splitlines() if "over 2 seeds" in line)
+    assert "47.1%" in spread  # sd 0.0707 over mean 0.15
+    # two paper points of one seed are a curve, not an ablation
+    assert versus_paper(points + [_point("a", "paper (seed 0)", 0.3, 2.0, steps=300)]) is None
+
+
+def test_the_goal_table_compares_the_full_paper_run_before_and_after_with_a_lever():
+    from benchmarks.convergence import goal_table
+
+    def paper(seed: int, steps: int, scale: float) -> Point:
+        p = _point("a", f"paper (seed {seed})", 0.1 * scale, 1.0, steps)
+        return Point(p.teacher, p.recipe, steps, 1.0, {1: 0.4 * scale, 2: 0.15 * scale, 3: 0.1 * scale, 4: 0.08},
+                     1.1, 1.0, p.recipes, before={1: 0.8, 2: 0.3, 3: 0.2 * scale, 4: 0.15})
+
+    points = [paper(0, 300, 1.0), paper(1, 300, 1.0), paper(0, 100, 3.0),   # the 100-step points are not the budget
+              _point("a", "lever (seed 0)", 0.09, 1.0, 100), _point("a", "lever (seed 1)", 0.11, 1.0, 100)]
+    row = next(line for line in goal_table(points, "lever").splitlines() if line.startswith("| a "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:] == ["2", "0.2000", "0.1000 (0.50x)", "0.1000 (1.00x)", "1.10x", "0.1500 (0.75x)",
+                         "0.8000 -> 0.4000 (0.50x)"]
