@@ -185,6 +185,17 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         # iCT's c = 0.00054 sqrt(d) on the norm is 0.00054 on the per-element RMS
         "pseudo-Huber loss, c 5.4e-4": (replace(paper, huber_c=5.4e-4), {}),
         "pseudo-Huber loss, c 0.03": (replace(paper, huber_c=0.03), {}),
+        # self items teach the sampler's own step counts (the paper's powers of two skip the 3-step walk); a
+        # self item costs the same forwards at any schedule length, so these are at equal compute as they stand
+        "self steps 1-4": (replace(paper, self_steps=(1, 2, 3, 4)), {}),
+        "self steps 1-4 and 8": (replace(paper, self_steps=(1, 2, 3, 4, 8)), {}),
+        "self steps 1-3": (replace(paper, self_steps=(1, 2, 3)), {}),
+        "self steps 1-4, t_skip 4, equal compute": (replace(paper, self_steps=(1, 2, 3, 4)),
+                                                    {"t_skip": 4, "_steps": 5 / 7}),
+        "self steps 1-3, t_skip 4, equal compute": (replace(paper, self_steps=(1, 2, 3)),
+                                                    {"t_skip": 4, "_steps": 5 / 7}),
+        "self steps 1-2": (replace(paper, self_steps=(1, 2)), {}),
+        "self steps 1-3 and 8": (replace(paper, self_steps=(1, 2, 3, 8)), {}),
         # the calibration picks shifts below the training draw on every tiny teacher: train where it samples
         "shift draw x2/3": (paper, {"shift_min": cfg.shift_min * 2 / 3, "shift_max": cfg.shift_max * 2 / 3}),
         "t_skip 4 + cosine decay": (replace(paper, decay="cosine", final_lr=0.0), {"t_skip": 4}),

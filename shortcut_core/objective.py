@@ -62,9 +62,11 @@ def _choice(options: tuple[int, ...], n: int, generator: torch.Generator) -> tor
 
 
 def draw_shortcut_items(batch_size: int, config: ShortcutConfig, generator: torch.Generator,
-                        token_count: int | None = None, teacher_ratio: float | None = None) -> ShortcutDraw:
+                        token_count: int | None = None, teacher_ratio: float | None = None,
+                        self_lengths: tuple[int, ...] | None = None) -> ShortcutDraw:
     """Draw role, schedule, shift and start index for each of batch_size items (CPU generator). `teacher_ratio`
-    overrides the config's for this draw (a schedule of it: training_recipe.teacher_ratio_at)."""
+    overrides the config's for this draw (a schedule of it: training_recipe.teacher_ratio_at), `self_lengths`
+    the self items' schedule lengths (multiples of the config's sub-steps; TrainingRecipe.self_steps)."""
     if config.resolution_shift_prob > 0 and token_count is None:
         raise ValueError("token_count is needed for the resolution shift; pass the packed token count of the "
                          "latents, or set ShortcutConfig.resolution_shift_prob = 0")
@@ -72,7 +74,8 @@ def draw_shortcut_items(batch_size: int, config: ShortcutConfig, generator: torc
     ratio = config.teacher_ratio if teacher_ratio is None else teacher_ratio
     teacher = torch.rand(n, generator=generator, dtype=torch.float64) < ratio
     length = torch.where(teacher, _choice(config.teacher_schedule_lengths, n, generator),
-                         _choice(config.self_schedule_lengths, n, generator))
+                         _choice(config.self_schedule_lengths if self_lengths is None else self_lengths, n,
+                                 generator))
     fixed = config.shift_min + (config.shift_max - config.shift_min) * torch.rand(n, generator=generator,
                                                                                  dtype=torch.float64)
     by_resolution = torch.rand(n, generator=generator, dtype=torch.float64) < config.resolution_shift_prob

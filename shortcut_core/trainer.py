@@ -222,8 +222,10 @@ class ShortcutTrainer:
         noise = torch.randn((total, *self.latents.shape[1:]), generator=g, dtype=torch.float32)
         if self.step_count >= self.training_recipe.coarse_share * cfg.steps:
             cfg = self._fine_config
+        steps = self.training_recipe.self_steps
         draw = draw_shortcut_items(total, cfg, g, self.token_count,
-                                   teacher_ratio_at(self.step_count, cfg.steps, cfg.teacher_ratio, self.training_recipe))
+                                   teacher_ratio_at(self.step_count, cfg.steps, cfg.teacher_ratio, self.training_recipe),
+                                   None if steps is None else tuple(n * cfg.substeps for n in steps))
         if self.trajectories is not None:
             draw = place_teacher_items(draw, self.trajectories, cfg.substeps, g)
         index, draw = index[part], draw.shard(part)

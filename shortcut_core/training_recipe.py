@@ -2,8 +2,8 @@
 
 The paper holds all three constant (AdamW at 2e-5, EMAs at 0.999 / 0.99, 40% teacher items). That suits its
 10k-step runs; a user's shorter run spends its first thousand steps with targets from EMAs that still remember
-the untrained LoRA. The levers here change only values per step, never what is drawn: a run with `PAPER` is the
-paper's run, step for step and bit for bit.
+the untrained LoRA. The levers here change only values per step, never what is drawn (but `self_steps`, which
+names the walks self items teach): a run with `PAPER` is the paper's run, step for step and bit for bit.
 
 Each lever is a small pure function of (step, total steps, the config's value); `TrainingRecipe` holds their
 settings, `TRAINING_RECIPES` the named ones a user picks with ShortcutConfig.recipe.
@@ -34,6 +34,10 @@ class TrainingRecipe:
     teacher_ramp: float = 0.0
     # the loss: 0 the paper's mean squared error; > 0 pseudo-Huber with this c (objective.shortcut_loss)
     huber_c: float = 0.0
+    # the sampler step counts that self items teach (each one jump of t_skip sub-steps of an n * t_skip-step
+    # schedule); None: the paper's powers of two below the teacher's (1, 2, 4, 8 steps), which never train the
+    # 3-step walk a user samples
+    self_steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -46,6 +50,9 @@ class TrainingRecipe:
                 raise ValueError(f"TrainingRecipe.{name} must be a number from {low:g} to {high:g} (got {value!r})")
         if not (isinstance(self.t_skip, int) and self.t_skip >= 2 and self.t_skip % 2 == 0):
             raise ValueError(f"TrainingRecipe.t_skip must be an even integer >= 2 (got {self.t_skip!r})")
+        if self.self_steps is not None and not (len(self.self_steps) > 0 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.self_steps)):
+            raise ValueError(f"TrainingRecipe.self_steps must be None or step counts >= 1 (got {self.self_steps!r})")
         if self.teacher_start is not None and not 0.0 <= self.teacher_start <= 1.0:
             raise ValueError(f"TrainingRecipe.teacher_start must be None or from 0 to 1 (got {self.teacher_start!r})")
 

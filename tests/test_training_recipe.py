@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shortcut_core.config import ConfigError, ShortcutConfig
-from shortcut_core.objective import shortcut_loss
+from shortcut_core.objective import ItemRole, draw_shortcut_items, shortcut_loss
 from shortcut_core.trainer import ShortcutTrainer
 from shortcut_core.training_recipe import (PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at,
                                            teacher_ratio_at)
@@ -50,7 +50,8 @@ def test_teacher_share_ramps_to_the_configs():
 
 
 @pytest.mark.parametrize("bad", [dict(decay="step"), dict(warmup=1.5), dict(final_lr=-0.1),
-                                 dict(slow_ema_power=2.0), dict(teacher_start=1.2), dict(huber_c=-0.1)])
+                                 dict(slow_ema_power=2.0), dict(teacher_start=1.2), dict(huber_c=-0.1),
+                                 dict(self_steps=()), dict(self_steps=(0, 3))])
 def test_a_bad_lever_names_itself(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainingRecipe(**bad)
@@ -131,3 +132,22 @@ def test_a_pseudo_huber_run_reports_the_mse_and_trains_otherwise():
     assert torch.equal(rng, paper_rng)
     assert huber.losses[0] == paper.losses[0]  # the first step's loss is measured before any update
     assert huber.losses != paper.losses and all(math.isfinite(v) for v in huber.losses)
+
+
+def test_self_steps_teach_the_samplers_step_counts():
+    """The paper's self items teach the 1-, 2-, 4- and 8-step walks; `self_steps` names the walks instead (3 is
+    one jump of t_skip sub-steps over a 3 * t_skip-step schedule), at the same forwards an item."""
+    cfg = CONFIG.replace(batch_size=512, teacher_ratio=0.0, t_skip=2)
+    paper = draw_shortcut_items(512, cfg, torch.Generator().manual_seed(0))
+    assert set(paper.schedule_length.tolist()) == {2, 4, 8, 16}
+    mine = draw_shortcut_items(512, cfg, torch.Generator().manual_seed(0), self_lengths=(2, 4, 6))
+    assert set(mine.schedule_length.tolist()) == {2, 4, 6}
+    assert (mine.role == int(ItemRole.SELF)).all()
+    three = mine.schedule_length == 6
+    # a 3-step item's target spans one of the 3-step sampler's steps: from t[start] over 2 of 6 sub-steps
+    assert set(mine.start[three].tolist()) == {0, 2, 4}
+    assert mine.times[three].shape[-1] == 3
+
+    trained, _, _ = _run(TrainingRecipe(self_steps=(1, 2, 3)), CONFIG)
+    paper_run, _, _ = _run(PAPER, CONFIG)
+    assert trained.losses != paper_run.losses and all(math.isfinite(v) for v in trained.losses)
