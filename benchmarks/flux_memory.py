@@ -288,6 +288,8 @@ def grid(ranks, batches, sizes, dtypes) -> None:
 
 
 CARDS_GB = (12, 16, 24, 48, 80)
+# the card each row's time is predicted for (shortcut_core.run_time): a common one of that memory
+CARD_NAMES = {12: "RTX 3060", 16: "RTX 4080", 24: "RTX 4090", 48: "RTX 6000 Ada", 80: "H100"}
 USABLE = 0.94  # of a card's memory, after the CUDA context and the driver
 MAX_STREAMED = 0.6
 # lora_layers "blocks" is left out: it costs more quality than a lower rank saving as much (benchmarks.memory_modes)
@@ -300,6 +302,7 @@ def fit_table() -> None:
 
     from shortcut_core.adapters import lora_target_names
     from shortcut_core.memory_plan import GB, TrainingShape, plan_training
+    from shortcut_core.run_time import card_peak_flops, duration_text, predicted_step_seconds
 
     shapes = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
@@ -329,22 +332,30 @@ def fit_table() -> None:
                         return px, batch, rank, weights, mode, plan
         return None
 
-    def describe(found) -> list[str]:
+    def describe(found, card: str) -> list[str]:
         if found is None:
-            return ["nothing", "", ""]
+            return ["nothing", "", "", ""]
         px, batch, rank, weights, mode, plan = found
         streamed = f", {plan.streamed / GB:.1f} GB streamed" if plan.streamed else ""
         modes = ", ".join(k if v is True else f"{k} {v}" for k, v in mode.items()) or "none"
-        return [f"{px} px, batch {batch}, rank {rank}, {weights}", f"{plan.needed / GB:.1f}{streamed}", modes]
+        run = TrainingShape(rank=rank, forward_batch=batch, tokens=(px // 16) ** 2 + TEXT_TOKENS, checkpointing=True,
+                            offload_optimizer=mode.get("offload_optimizer", False))
+        seconds = predicted_step_seconds(shapes[weights, "all"], run, 2, card_peak_flops(card), plan.streamed)
+        return [f"{px} px, batch {batch}, rank {rank}, {weights}", f"{plan.needed / GB:.1f}{streamed}", modes,
+                f"{seconds:.1f} s ({duration_text(10_000 * seconds)})"]
 
     rows = []
     for card in CARDS_GB:
         free = int(card * 1e9 * USABLE)
-        rows.append([f"{card} GB"] + describe(first_fit(free, MODES[:1])) + describe(first_fit(free, MODES[1:])))
-    print(markdown_table(["card", "without modes", "needs GB", "", "with memory modes", "needs GB", "modes"], rows))
+        name = CARD_NAMES[card]
+        rows.append([f"{card} GB ({name})"] + describe(first_fit(free, MODES[:1]), name)[:2]
+                    + [describe(first_fit(free, MODES[:1]), name)[3]] + describe(first_fit(free, MODES[1:]), name))
+    print(markdown_table(["card (time predicted for)", "without modes", "needs GB", "s/step (10k steps)",
+                          "with memory modes", "needs GB", "modes", "s/step (10k steps)"], rows))
     print(f"\n{USABLE:.0%} of each card usable; needs: the plan's peak and the allocator's slack; streaming keeps "
           f"1.2 GB free for ComfyUI (its minimum inference memory) and streams at most {MAX_STREAMED:.0%} of the fp8 "
-          f"weights")
+          f"weights; time: shortcut_core.run_time's prediction (the H200's measured utilisation on the card's bf16 "
+          f"peak, streaming at the H200's measured rate)")
 
 
 def full_depth_check(px: int, dtype) -> None:

@@ -18,6 +18,7 @@ from ..shortcut_core.memory_plan import (GB, MemoryPlan, ModelShape, TrainingSha
 from .checks import HostInputError
 from .families import repeated_blocks, token_count
 from .run import TrainingRun
+from .timing import predicted_time_text
 
 log = logging.getLogger("shortcut-flow")
 
@@ -71,7 +72,8 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     free = available_memory(model.load_device)
     plan = plan_training(shape, training, free)
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")
-    text = plan.text(free, stored)
+    plan_text = plan.text(free, stored)
+    text = f"{plan_text}\n{predicted_time_text(model.load_device, shape, training, config, plan)}"
     shown = f"{run.summary}\n{text}" if run.summary else text
     log.info("TrainShortcut %s", shown)
     if free is None or plan.fits(free):
@@ -88,7 +90,7 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     options = suggestions(shape, training, config.batch_size, config.grad_accum_steps, cfg_factor, free, fp8,
                           blocks, stream_headroom())
     raise HostInputError(f"training needs about {plan.needed / GB:.1f} GB on {model.load_device} but "
-                         f"{free / GB:.1f} GB are free ({text}). Change "
+                         f"{free / GB:.1f} GB are free ({plan_text}). Change "
                          + "; or ".join(f"{s.change}: {s.plan.needed / GB:.1f} GB" for s in options))
 
 

@@ -10,6 +10,7 @@ import comfy.utils
 import latent_preview
 
 from ..shortcut_core.trainer import StepReport
+from .timing import progress_text
 
 
 class Progress:
@@ -23,7 +24,7 @@ class Progress:
 
     def step(self, report: StepReport) -> None:
         self.bar.update_absolute(report.step, report.total)
-        self.say(f"step {report.step}/{report.total}  loss {report.loss:.4g}")
+        self.say(progress_text(report))
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def preview(self, step: int, picture) -> None:

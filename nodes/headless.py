@@ -35,6 +35,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
+from tqdm.auto import tqdm
 
 ENV_COMFYUI = "COMFYUI_PATH"
 
@@ -68,8 +69,14 @@ class HeadlessProgress:
 
     def __init__(self, stop: StopRequest, parallel=None, device: torch.device | None = None):
         self.stop, self.parallel, self.device = stop, parallel, device or torch.device("cpu")
+        self.timed = False
 
     def step(self, report) -> None:
+        if report.seconds_per_step is not None and not self.timed:
+            # once, as soon as it is measured; the bar shows the ETA from then on
+            self.timed = True
+            from ..shortcut_core.run_time import time_text  # imported with the package, under the host
+            self.say(f"measured: {time_text(report.seconds_per_step, report.total, report.seconds_left)}")
         stop = self.stop.requested
         if self.parallel is not None:
             stop = self.parallel.any(stop, self.device)
@@ -81,7 +88,7 @@ class HeadlessProgress:
 
     def say(self, text: str) -> None:
         if self.parallel is None or self.parallel.rank == 0:
-            print(text, file=sys.stderr, flush=True)
+            tqdm.write(text, file=sys.stderr)  # above the trainer's bar, not inside its line
 
 
 # ---------------------------------------------------------------------------------------------- arguments

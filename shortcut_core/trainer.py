@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -32,6 +32,7 @@ from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
 from .optimizer_offload import OffloadedAdamW
+from .run_time import StepClock
 from .safetensors_io import SafetensorsFileError
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
@@ -62,6 +63,9 @@ class StepReport:
     loss_shortcut: float | None
     loss_flow: float | None
     grad_norm: float
+    # measured by run() over the steps since its warm-up (run_time.StepClock); None until then
+    seconds_per_step: float | None = None
+    seconds_left: float | None = None
 
 
 @dataclass
@@ -319,9 +323,12 @@ class ShortcutTrainer:
         """
         goal = self.config.steps if steps is None else steps
         bar = tqdm(total=goal, initial=self.step_count, disable=not progress, desc="SCFM training")
+        clock = StepClock(goal, start=self.step_count)
         try:
             while self.step_count < goal:
                 report = self.step()
+                clock.tick(self.step_count)
+                report = replace(report, seconds_per_step=clock.seconds_per_step, seconds_left=clock.seconds_left())
                 bar.update(1)
                 bar.set_postfix(loss=f"{report.loss:.4g}")
                 every = self.config.checkpoint_every

@@ -7,6 +7,7 @@ ComfyUI's loaders cannot load a Flux of test size from a file (its model detecti
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -61,13 +62,17 @@ def test_every_node_setting_is_an_argument_with_the_nodes_name_and_default(pack)
         headless.build_parser().parse_args(["--unet", "u", "--clip", "c", "--prompts", "p", "--calibrate", "maybe"])
 
 
-def test_a_headless_lora_resumes_in_the_node_and_a_node_lora_resumes_headless(folders):
+def test_a_headless_lora_resumes_in_the_node_and_a_node_lora_resumes_headless(folders, capsys):
     """Both ways give the LoRA of one uninterrupted 4-step run, bit for bit: same files, same state."""
     headless = comfy_host.pack_module("nodes.headless")
     from test_host_nodes import node, train_node
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     straight = headless.main(_argv(folders, "--steps", "4", "--save_name", "straight"), models=_models())
     assert straight == 0
+    # the plan's time, then (once, after two warm-up steps) the measured one
+    printed = capsys.readouterr().err
+    assert "time: measured from the first steps (cpu)" in printed
+    assert len(re.findall(r"(?:^|\r)measured: about [0-9.]+ s/step, .* for 4 steps; ETA \S+ s\n", printed, re.M)) == 1
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # Ctrl-C is the user's again
     expected = _lora(folders / "loras" / "straight.safetensors")
 

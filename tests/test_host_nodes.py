@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -386,13 +388,18 @@ def test_training_shows_step_and_loss_on_the_node_and_the_progress_bar(flux, lor
     hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bars.append((value, total, node_id)))
     try:
-        train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=3, unique_id="42")
+        train_node(patcher, positive, {"samples": torch.randn(2, 16, 8, 8)}, steps=4, unique_id="42")
     finally:
         comfy.utils.set_progress_bar_global_hook(hook)
     values = [v for v, total, node_id in bars if node_id == "42"]
-    assert values[0] == 0 and values[-1] == 3 and values == sorted(values)  # newer hosts throttle the bar
-    assert [node_id for node_id, _ in texts] == ["42"] * 4
-    # the recipe for the model's family and the memory plan come first
+    assert values[0] == 0 and values[-1] == 4 and values == sorted(values)  # newer hosts throttle the bar
+    assert [node_id for node_id, _ in texts] == ["42"] * 5
+    # the recipe for the model's family, the memory plan and the time come first (on a CPU: measured as it runs)
     assert texts[0][1].startswith("Flux recipe: training shifts 2.5-4.5 (resolution shift 10%), sampling shift 3.25")
     assert "\nplan: " in texts[0][1] and "weights" in texts[0][1]
-    assert texts[-1][1].startswith("step 3/3  loss ")
+    assert texts[0][1].endswith("\ntime: measured from the first steps (cpu)")
+    # the seconds per step are measured after two warm-up steps, then shown with the run's total and the ETA
+    assert re.fullmatch(r"step 2/4  loss \S+", texts[2][1])
+    assert re.fullmatch(r"step 3/4  loss \S+  about [0-9.]+ s/step, \S+ (s|min|h \d+ min) for 4 steps; ETA \S+ s",
+                        texts[3][1]), texts[3][1]
+    assert texts[-1][1].startswith("step 4/4  loss ") and texts[-1][1].endswith("ETA 0 s")
