@@ -348,8 +348,8 @@ def fit_table() -> None:
     for card in CARDS_GB:
         free = int(card * 1e9 * USABLE)
         name = CARD_NAMES[card]
-        rows.append([f"{card} GB ({name})"] + describe(first_fit(free, MODES[:1]), name)[:2]
-                    + [describe(first_fit(free, MODES[:1]), name)[3]] + describe(first_fit(free, MODES[1:]), name))
+        plain, needs, _, time_per_step = describe(first_fit(free, MODES[:1]), name)
+        rows.append([f"{card} GB ({name})", plain, needs, time_per_step] + describe(first_fit(free, MODES[1:]), name))
     print(markdown_table(["card (time predicted for)", "without modes", "needs GB", "s/step (10k steps)",
                           "with memory modes", "needs GB", "modes", "s/step (10k steps)"], rows))
     print(f"\n{USABLE:.0%} of each card usable; needs: the plan's peak and the allocator's slack; streaming keeps "

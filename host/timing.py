@@ -27,9 +27,15 @@ def predicted_time_text(device: torch.device, shape: ModelShape, training: Train
     return plan_time_text(seconds, config.steps, name)
 
 
+def measured_time_text(report: StepReport) -> str | None:
+    """'about 1.8 s/step, 5 h 0 min for 10000 steps; ETA ...' from the run's clock; None until it is measured."""
+    if report.seconds_per_step is None:
+        return None
+    return time_text(report.seconds_per_step, report.total, report.seconds_left)
+
+
 def progress_text(report: StepReport) -> str:
     """The node's live line: 'step 37/10000  loss 0.0123  about 1.8 s/step, 5 h 0 min for 10000 steps; ETA ...'."""
     text = f"step {report.step}/{report.total}  loss {report.loss:.4g}"
-    if report.seconds_per_step is None:
-        return text
-    return f"{text}  {time_text(report.seconds_per_step, report.total, report.seconds_left)}"
+    measured = measured_time_text(report)
+    return text if measured is None else f"{text}  {measured}"

@@ -72,11 +72,12 @@ class HeadlessProgress:
         self.timed = False
 
     def step(self, report) -> None:
-        if report.seconds_per_step is not None and not self.timed:
-            # once, as soon as it is measured; the bar shows the ETA from then on
-            self.timed = True
-            from ..shortcut_core.run_time import time_text  # imported with the package, under the host
-            self.say(f"measured: {time_text(report.seconds_per_step, report.total, report.seconds_left)}")
+        if not self.timed:
+            from ..host.timing import measured_time_text  # imported with the package, under the host
+            measured = measured_time_text(report)
+            if measured is not None:  # once, as soon as it is measured; the bar shows the ETA from then on
+                self.timed = True
+                self.say(f"measured: {measured}")
         stop = self.stop.requested
         if self.parallel is not None:
             stop = self.parallel.any(stop, self.device)
