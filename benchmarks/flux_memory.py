@@ -355,7 +355,8 @@ def fit_table() -> None:
     print(f"\n{USABLE:.0%} of each card usable; needs: the plan's peak and the allocator's slack; streaming keeps "
           f"1.2 GB free for ComfyUI (its minimum inference memory) and streams at most {MAX_STREAMED:.0%} of the fp8 "
           f"weights; time: shortcut_core.run_time's prediction (the H200's measured utilisation on the card's bf16 "
-          f"peak, streaming at the H200's measured rate)")
+          f"peak; streamed weights a block ahead of the compute, at an assumed 20 GB/s of pinned copies, not yet "
+          f"measured)")
 
 
 def full_depth_check(px: int, dtype) -> None:

@@ -68,7 +68,8 @@ def check_memory(model, latents: torch.Tensor, positive, negative, run: Training
     training = TrainingShape(rank=config.rank, forward_batch=config.batch_size * cfg_factor,
                              tokens=token_count(model, tuple(latents.shape[1:])) + text_tokens,
                              checkpointing=config.gradient_checkpointing, offload_optimizer=config.offload_optimizer,
-                             stream_headroom=stream_headroom() if run.stream_weights else None)
+                             stream_headroom=stream_headroom() if run.stream_weights else None,
+                             prefetch_blocks=run.prefetch_blocks)
     free = available_memory(model.load_device)
     plan = plan_training(shape, training, free)
     stored = str(next(model.model.diffusion_model.parameters()).dtype).replace("torch.", "")

@@ -41,9 +41,11 @@ class RunSettings:
     export_diffusers: bool = knob(False, "Flux only: also write the LoRA in the authors' diffusers format "
                                   "(<save_name>_diffusers.safetensors).", shown_on=OPTIONS, slot=26)
     # memory modes (README: Will it fit?) come last on the options node, so saved workflows keep their widget order
-    stream_weights: bool = knob(False, "Keep on the GPU only the model weights that fit beside training and copy the "
-                                "rest in from RAM at every forward (ComfyUI's lowvram loading): Flux at 1024 px on "
-                                "16 GB, slower per step.", shown_on=OPTIONS, slot=29)
+    stream_weights: bool = knob(False, "Keep on the GPU only the model weights that fit beside training and stream "
+                                "the rest from RAM: whole blocks from pinned memory, each copied while the one "
+                                "before computes (with gradient_checkpointing; else ComfyUI's lowvram copies per "
+                                "layer). Flux at 1024 px on 16 GB; slower per step where the copies outlast the "
+                                "compute.", shown_on=OPTIONS, slot=29)
 
 
 class RunReporter(Protocol):
@@ -71,6 +73,7 @@ class TrainingRun:
     preview_every: int = 0                # few-step previews in the node every this many steps (0: none)
     calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
     stream_weights: bool = False          # keep on the device only the weights that fit beside training (lowvram)
+    prefetch_blocks: bool = True          # stream those block by block, one ahead (else: the host's copies per op)
     parallel: DataParallel | None = None  # data parallel under torchrun (the headless command)
     summary: str = ""                     # the recipe chosen for the model's family, shown with the memory plan
 

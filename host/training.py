@@ -48,10 +48,17 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
         velocity = ConditionedVelocity(base, model_wrap.conds, count, run.cfg, extra_args["model_options"],
                                        extra_args.get("seed"))
         network = base.diffusion_model
+        blocks = repeated_blocks(network)
+        streamed = None
+        if run.stream_weights and run.prefetch_blocks and config.gradient_checkpointing:
+            streamed = blocks_left_in_ram(blocks)
+            if streamed and run.reporter is not None:
+                run.reporter.say(f"streaming {len(streamed)} of {len(blocks)} blocks from RAM, each copied in while "
+                                 f"the one before computes")
         with ShortcutTrainer(network, velocity, latents, config, extra_args={"item": torch.arange(count)},
-                             init_lora=run.init_lora, blocks=repeated_blocks(network),
+                             init_lora=run.init_lora, blocks=blocks,
                              token_count=token_count(model_wrap.model_patcher, tuple(latents.shape[1:])),
-                             device=latents.device, parallel=run.parallel) as trainer:
+                             device=latents.device, parallel=run.parallel, streamed_blocks=streamed) as trainer:
             if run.resume_state:
                 trainer.load_checkpoint(run.resume_state)
             previewer = host_preview.latent_previewer(model_wrap.model_patcher)
@@ -93,6 +100,13 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
         if self.run.reporter is not None:
             self.run.reporter.say(calibration.text())
         return calibration
+
+
+def blocks_left_in_ram(blocks) -> list[int]:
+    """The blocks the host did not load whole (its lowvram mark on a layer: weights copied in at each op). The
+    trainer streams these block by block instead (shortcut_core/block_streaming.py): the whole block from pinned
+    RAM, one block ahead, its device-resident part too, for the run."""
+    return [i for i, block in enumerate(blocks) if any(getattr(m, "comfy_cast_weights", False) for m in block.modules())]
 
 
 def train_in_graph(model, latents: torch.Tensor, positive, negative, run: TrainingRun) -> TrainingOutcome:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -60,23 +60,31 @@ def _cloned(value: Any) -> Any:
 
 
 @contextlib.contextmanager
-def checkpoint_blocks(blocks: Iterable[nn.Module], *, recompute: bool = True, clone_inputs: bool = True) -> Iterator[None]:
+def checkpoint_blocks(blocks: Iterable[nn.Module], *, recompute: bool = True, clone_inputs: bool = True,
+                      around_recompute: Callable[[nn.Module], ContextManager] | None = None) -> Iterator[None]:
     """Inside the block, each block's forward recomputes its activations in backward (recompute)
     and/or runs on copies of its tensor inputs (clone_inputs). Under no_grad the blocks run as usual.
-    The blocks are restored on exit.
+    `around_recompute(block)` encloses a block's recomputation and differentiation in backward (weight
+    streaming brings the block's weights in there: block_streaming.py). A forward already set on the
+    instance (a compiled one: regional_compile.py) is the one wrapped. The blocks are restored on exit.
     """
-    wrapped: list[nn.Module] = []
+    wrapped: list[tuple[nn.Module, Any]] = []
     try:
         for block in blocks:
-            if "forward" in block.__dict__:
-                raise ValueError(f"{type(block).__name__} already has a patched forward; wrap each block once")
+            before = block.__dict__.get("forward")
+            if getattr(before, "_checkpointed", False):
+                raise ValueError(f"{type(block).__name__} already has a checkpointed forward; wrap each block once")
+            around = (lambda b=block: around_recompute(b)) if around_recompute is not None else contextlib.nullcontext
             block.forward = _wrap(block.forward, recompute=recompute, clone_inputs=clone_inputs,
-                                  module_params=block.parameters)
-            wrapped.append(block)
+                                  module_params=block.parameters, around=around)
+            wrapped.append((block, before))
         yield
     finally:
-        for block in wrapped:
-            del block.forward
+        for block, before in reversed(wrapped):
+            if before is None:
+                del block.forward
+            else:
+                block.forward = before
 
 
 def _saving_input_copies(forward, args: tuple, kwargs: dict) -> Any:
@@ -124,9 +132,9 @@ class _RecomputeInBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, body, n_inputs: int, params: tuple, *tensors):
+    def forward(ctx, body, around, n_inputs: int, params: tuple, *tensors):
         inputs = tensors[:n_inputs]
-        ctx.body, ctx.params = body, params
+        ctx.body, ctx.around, ctx.params = body, around, params
         ctx.save_for_backward(*inputs)
         output = body(*inputs)
         ctx.tuple_output = isinstance(output, tuple)
@@ -135,17 +143,18 @@ class _RecomputeInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            output = ctx.body(*inputs, protect_saved=True)
-        outputs = output if ctx.tuple_output else (output,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
-                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
-        wrt = [t for t in inputs if t.requires_grad] + list(ctx.params)
-        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True) \
-            if pairs and wrt else [None] * len(wrt)
+        with ctx.around():
+            with torch.enable_grad():
+                output = ctx.body(*inputs, protect_saved=True)
+            outputs = output if ctx.tuple_output else (output,)
+            pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+            wrt = [t for t in inputs if t.requires_grad] + list(ctx.params)
+            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True) \
+                if pairs and wrt else [None] * len(wrt)
         grads = list(grads)
         input_grads = [grads.pop(0) if t.requires_grad else None for t in inputs]
-        return (None, None, None, *input_grads, *grads)
+        return (None, None, None, None, *input_grads, *grads)
 
 
 def _call(forward, args: tuple, kwargs: dict, *, clone_inputs: bool, protect_saved: bool) -> Any:
@@ -159,7 +168,7 @@ def _call(forward, args: tuple, kwargs: dict, *, clone_inputs: bool, protect_sav
     return forward(*args, **kwargs)
 
 
-def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs: bool) -> Any:
+def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs: bool, around) -> Any:
     """Run forward through _RecomputeInBackward: tensors of args and kwargs become its inputs."""
     keys = list(kwargs)
     values = list(args) + [kwargs[k] for k in keys]
@@ -171,15 +180,16 @@ def _recomputed(forward, module_params, args: tuple, kwargs: dict, clone_inputs:
                      clone_inputs=clone_inputs, protect_saved=protect_saved)
 
     params = tuple(p for p in module_params() if p.requires_grad)
-    return _RecomputeInBackward.apply(body, len(leaves), params, *leaves, *params)
+    return _RecomputeInBackward.apply(body, around, len(leaves), params, *leaves, *params)
 
 
-def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params):
+def _wrap(forward, *, recompute: bool, clone_inputs: bool, module_params, around):
     def wrapped_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         if recompute:
-            return _recomputed(forward, module_params, args, kwargs, clone_inputs)
+            return _recomputed(forward, module_params, args, kwargs, clone_inputs, around)
         return _call(forward, args, kwargs, clone_inputs=clone_inputs, protect_saved=True)
 
+    wrapped_forward._checkpointed = True
     return wrapped_forward

@@ -123,6 +123,17 @@ class ShortcutConfig:
                                    "memory off the GPU, same result, some time per step.", shown_on=OPTIONS, slot=28,
                                    resume=FREE)
 
+    # --- speed (GPU): the result is the same run's (compile: to float rounding; fp8 targets: within fp8's error) ---
+    compile_blocks: bool = knob(False, "Compile the model's repeated blocks with torch.compile, as ComfyUI's "
+                                "TorchCompileModel does for sampling: faster steps after a warm-up of a minute or "
+                                "more in the first step. Needs a working Triton (GPU).", shown_on=OPTIONS, slot=31,
+                                resume=FREE)
+    fp8_targets: bool = knob(False, "Run the targets' no-grad passes (teacher and EMA sub-steps) as fp8 matmuls on "
+                             "cards with fp8 tensor cores (RTX 40xx and 50xx, L40, H100, H200): faster steps, targets "
+                             "rounded to fp8; the student's own pass stays exact. No effect on other GPUs (on a CPU "
+                             "the fp8 numerics run, at no gain).",
+                             shown_on=OPTIONS, slot=32, resume=FREE)
+
     # --- what a LoRA trained with this config recommends for sampling (written to file metadata) ---
     sample_steps: int = knob(3, "Steps the LoRA is meant for: previews, calibration and the file's recipe.", 1, None,
                              shown_on=OPTIONS, slot=4, resume=FREE, cap=100)

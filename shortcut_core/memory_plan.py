@@ -64,6 +64,8 @@ class TrainingShape:
     # bytes of device memory the host keeps free beside the weights it places (None: weights all resident);
     # the weights that do not fit in the rest are streamed from RAM per forward
     stream_headroom: int | None = None
+    # streamed weights copied a block ahead of the compute (block_streaming.py; with checkpointing), not per op
+    prefetch_blocks: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class MemoryPlan:
     activations: int
     casts: int
     streamed: int = 0               # weights kept in RAM and copied in per forward
+    streamed_blocks: int = 0        # blocks whose weights that takes, at the least
+    blocks: int = 0                 # the model's repeated blocks
 
     @property
     def total(self) -> int:
@@ -89,7 +93,8 @@ class MemoryPlan:
 
     def text(self, free: int | None = None, stored: str = "") -> str:
         where = f" of {free / GB:.1f} GB free" if free is not None else ""
-        streamed = f" (+{self.streamed / GB:.1f} streamed from RAM)" if self.streamed else ""
+        of_blocks = f", {self.streamed_blocks} of {self.blocks} blocks" if self.streamed_blocks else ""
+        streamed = f" (+{self.streamed / GB:.1f} streamed from RAM{of_blocks})" if self.streamed else ""
         return (f"plan: {self.needed / GB:.1f} GB{where}: weights {self.weights / GB:.1f}{(' ' + stored) if stored else ''}"
                 f"{streamed}, LoRA state {self.lora_state / GB:.1f}, activations {self.activations / GB:.1f}"
                 + (f", casts {self.casts / GB:.1f}" if self.casts else "")
@@ -109,6 +114,10 @@ def plan_training(model: ModelShape, run: TrainingShape, free: int | None = None
     if (model.stored_bytes < model.compute_bytes or streaming) and model.block_params:
         kept = max(model.block_params) if run.checkpointing else sum(model.block_params)
         casts = kept * model.compute_bytes
+        if streaming and run.prefetch_blocks and run.checkpointing:
+            # the block computing and the one arriving, as stored; their casts only where the dtypes differ
+            casts = max(model.block_params) * (2 * model.stored_bytes + (model.compute_bytes if model.stored_bytes
+                                                                        < model.compute_bytes else 0))
     copies = LORA_STATE_COPIES - (OFFLOADED_COPIES if run.offload_optimizer else 0)
     plan = MemoryPlan(weights=model.weight_bytes, lora_state=copies * LORA_BYTES * run.rank * model.lora_params,
                       activations=round(elements * per_element), casts=casts)
@@ -117,7 +126,20 @@ def plan_training(model: ModelShape, run: TrainingShape, free: int | None = None
     rest = plan.total - plan.weights
     usable = int(free / (1 + ALLOCATOR_SLACK))
     resident = min(model.weight_bytes, max(STREAM_MIN_RESIDENT, usable - rest - run.stream_headroom))
-    return replace(plan, weights=resident, streamed=model.weight_bytes - resident)
+    streamed = model.weight_bytes - resident
+    return replace(plan, weights=resident, streamed=streamed, blocks=len(model.block_params),
+                   streamed_blocks=blocks_covering(streamed, model))
+
+
+def blocks_covering(streamed: int, model: ModelShape) -> int:
+    """The fewest blocks whose weights make up `streamed` bytes (the largest first): how many blocks stream."""
+    total, count = 0, 0
+    for params in sorted(model.block_params, reverse=True):
+        if total >= streamed:
+            break
+        total += params * model.stored_bytes
+        count += 1
+    return count
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ every token) plus attention's two matmuls, 4 * tokens^2 * width per block.
 The prediction divides that by the card's dense bf16 peak times the utilisation the pack reached on an H200
 (docs/memory.md, "GPU measurements": Flux.1-dev at 1024 px, batch 1, rank 64: 1.57 s a step in bf16, 1.70 s with
 fp8-stored weights, which are cast per forward). Weights streamed from RAM add their copies at the rate
-ComfyUI's lowvram route reached there; offloading AdamW adds what it cost there. The prediction is a first
+ComfyUI's lowvram route reached there, or, streamed block by block a block ahead, overlap the compute at the
+pinned copy rate (assumed: not yet measured on a GPU); offloading AdamW adds what it cost there. The prediction is a first
 figure; the run replaces it with the seconds per step it measures (StepClock).
 """
 
@@ -36,6 +37,10 @@ UTILISATION_FP8_STORED = 0.44
 # ComfyUI's lowvram route on the H200 (PCIe 5): 6.8 and 9.9 GB streamed cost 4.1 and 5.4 s a step over the
 # fully loaded step, at 6 passes over the streamed weights: about 10 GB/s of streamed weights.
 STREAM_BYTES_PER_SECOND = 10 * GB
+# Block streaming (block_streaming.py) copies from pinned RAM on a side stream, overlapped with the compute: a
+# pass costs the longer of the two. Pinned host-to-device copies reach about 22-25 GB/s on PCIe 4.0 x16 and
+# twice that on PCIe 5; 20 GB/s is assumed until a GPU run of benchmarks.gpu_fit measures it.
+PREFETCH_BYTES_PER_SECOND = 20 * GB
 OFFLOAD_OPTIMIZER_COST = 0.21  # AdamW stepped on the CPU: +21% a step on the H200 at rank 64
 
 
@@ -65,10 +70,14 @@ def predicted_step_seconds(model: ModelShape, run: TrainingShape, substeps: int,
     forward (MemoryPlan.streamed)."""
     forwards = step_forwards(substeps, run.checkpointing)
     utilisation = UTILISATION_FP8_STORED if model.stored_bytes < model.compute_bytes else UTILISATION
-    seconds = forwards * forward_flops(model, run.tokens, run.forward_batch) / (peak_flops * utilisation)
+    per_forward = forward_flops(model, run.tokens, run.forward_batch) / (peak_flops * utilisation)
+    if run.prefetch_blocks and run.checkpointing:
+        seconds = forwards * max(per_forward, streamed / PREFETCH_BYTES_PER_SECOND)
+    else:
+        seconds = forwards * (per_forward + streamed / STREAM_BYTES_PER_SECOND)
     if run.offload_optimizer:
-        seconds *= 1 + OFFLOAD_OPTIMIZER_COST
-    return seconds + forwards * streamed / STREAM_BYTES_PER_SECOND
+        seconds += forwards * per_forward * OFFLOAD_OPTIMIZER_COST
+    return seconds
 
 
 def duration_text(seconds: float) -> str:
@@ -133,5 +142,5 @@ def plan_time_text(seconds_per_step: float | None, steps: int, card: str) -> str
 
 
 __all__ = ["CARD_BF16_TFLOPS", "UTILISATION", "UTILISATION_FP8_STORED", "STREAM_BYTES_PER_SECOND",
-           "OFFLOAD_OPTIMIZER_COST", "forward_flops", "step_forwards", "card_peak_flops", "predicted_step_seconds",
+           "OFFLOAD_OPTIMIZER_COST", "PREFETCH_BYTES_PER_SECOND", "forward_flops", "step_forwards", "card_peak_flops", "predicted_step_seconds",
            "duration_text", "time_text", "StepClock", "plan_time_text"]

@@ -24,10 +24,13 @@ from tqdm.auto import tqdm
 from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, lora_target_names, uniform_rank_alpha)
+from .block_streaming import BlockStreamer
 from .calibration import STEP_COUNTS, Calibration, Recipe, calibrate_recipe
 from .checkpoint import CheckpointWriteError, checkpoint_state, load_into, write_checkpoint
-from .config import ShortcutConfig
+from .config import ConfigError, ShortcutConfig
 from .data_parallel import DataParallel
+from .fp8_compute import fp8_compute_supported, fp8_no_grad_linears
+from .regional_compile import compiled_blocks
 from .inference_tensors import InferenceTensorAliases
 from .lora_file import LoraMetadata
 from .objective import ItemRole, ShortcutDraw, average_velocity_target, draw_shortcut_items, interpolate, select_items, shortcut_loss
@@ -117,7 +120,7 @@ class ShortcutTrainer:
                  blocks: Sequence[nn.Module] = (), clone_block_inputs: bool = True, token_count: int | None = None,
                  device: torch.device | str | None = None, lora_dtype: torch.dtype = torch.float32,
                  parallel: DataParallel | None = None, training_recipe: TrainingRecipe | None = None,
-                 trajectories: TeacherTrajectories | None = None):
+                 trajectories: TeacherTrajectories | None = None, streamed_blocks: Sequence[int] | None = None):
         self.config = config = config if config is not None else ShortcutConfig()
         # how learning rate, EMA decays and teacher share move over the run (None: the config's named recipe's;
         # the sub-steps are the config's: ShortcutConfig.substeps)
@@ -187,6 +190,36 @@ class ShortcutTrainer:
         self._first_half = self.velocity_per_item if getattr(velocity, "keeps_batch_whole", False) else None
         # A model loaded under inference_mode (every ComfyUI model) is trained through storage aliases.
         self._inference_aliases = InferenceTensorAliases(module)
+        # Weights streamed block by block (block_streaming.py): None, off; else the blocks' weights found off the
+        # device, and those of the blocks listed (which the streamer takes off it for the run).
+        self.streamer: BlockStreamer | None = None
+        if streamed_blocks is not None:
+            if not config.gradient_checkpointing:
+                self.close()
+                raise ConfigError("gradient_checkpointing", "must be on to stream weights block by block: the "
+                                  "backward then needs one block's weights at a time (got False)")
+            try:
+                self.streamer = BlockStreamer(self.blocks, self.device, offload=streamed_blocks).__enter__()
+            except BaseException:
+                self.close()
+                raise
+        # Each repeated block compiled (regional_compile.py), held open for the run. Weights swapped per block
+        # (streaming) or layers patched (fp8 targets) would defeat or confuse its guards: one of them at a time.
+        self._compiled = contextlib.ExitStack()
+        if config.compile_blocks:
+            for other, on in (("stream_weights", streamed_blocks is not None), ("fp8_targets", config.fp8_targets)):
+                if on:
+                    self.close()
+                    raise ConfigError("compile_blocks", f"cannot run together with {other} yet (got True); "
+                                      f"switch one of them off")
+            self._compiled.enter_context(compiled_blocks(self.blocks))
+            self._first_half = None  # per-item adapters pick by hooks dynamo does not tell apart: per-role passes
+        # fp8 matmuls for the targets' no-grad passes: open for the run (one cache of quantized weights), active
+        # only while a target is computed (fp8_compute.py); GPUs without fp8 tensor cores run as before
+        self._fp8 = None
+        if config.fp8_targets and (self.device.type == "cpu" or fp8_compute_supported(self.device)):
+            self._fp8 = fp8_no_grad_linears(module).__enter__()
+            self._fp8.active = False
         self.step_count = 0
         self.losses: list[float] = []
         self.calibration: Calibration | None = None
@@ -239,6 +272,17 @@ class ShortcutTrainer:
                  for k, v in select_items(self.extra_args, index, n).items()}
         return x0, noise, extra, draw, index
 
+    @contextlib.contextmanager
+    def _fp8_targets(self):
+        if self._fp8 is None:
+            yield
+            return
+        self._fp8.active = True
+        try:
+            yield
+        finally:
+            self._fp8.active = False
+
     def step(self) -> StepReport:
         """One optimizer step (grad_accum_steps micro-batches). Exceptions before the update leave
         the run exactly as before the call (the RNG is rewound), so it can be checkpointed and resumed."""
@@ -262,13 +306,15 @@ class ShortcutTrainer:
                     on_walk, x_half, moved = recorded_teacher_walk(self.trajectories, index, draw, self.device)
                     x_t[torch.nonzero(draw.role == ItemRole.TEACHER).flatten().to(self.device)] = on_walk.to(x_t.dtype)
                     teacher_walk = (x_half, moved)
-                target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
-                                                 fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
-                                                 extra_args=extra, first_half=self._first_half, teacher_walk=teacher_walk)
+                with self._fp8_targets():
+                    target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
+                                                     fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
+                                                     extra_args=extra, first_half=self._first_half, teacher_walk=teacher_walk)
                 # The student runs last and its backward follows at once, so a recomputing
                 # checkpoint replays the forward with the student adapter still active.
                 with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,
-                                       clone_inputs=self.clone_block_inputs):
+                                       clone_inputs=self.clone_block_inputs,
+                                       around_recompute=self.streamer.in_backward if self.streamer else None):
                     prediction = self.velocity(x_t, t, **extra)
                     loss, per_item = shortcut_loss(prediction, target, self.training_recipe.huber_c)
                     loss_value = float(per_item.detach().mean())  # the MSE, whatever loss is minimised
@@ -437,6 +483,12 @@ class ShortcutTrainer:
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Remove the adapters and put back the module's own tensors (idempotent)."""
+        if getattr(self, "_fp8", None) is not None:
+            self._fp8.close()
+        if getattr(self, "_compiled", None) is not None:
+            self._compiled.close()
+        if getattr(self, "streamer", None) is not None:
+            self.streamer.close()
         self._inference_aliases.restore()
         self.adapters.detach()
 

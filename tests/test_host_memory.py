@@ -76,7 +76,9 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, plan
     plan = plans[-1]
     loads = []
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda *a, **k: loads.append(k))
-    monkeypatch.setattr(memory, "available_memory", lambda device: int(plan.needed - plan.weights // 2))
+    # less than the model needs, more than two blocks in flight take (the tiny model's
+    # double-stream block holds 40% of its weights)
+    monkeypatch.setattr(memory, "available_memory", lambda device: int(plan.needed - plan.weights // 10))
     with pytest.raises(ValueError) as refused:
         train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="refused")
     message = str(refused.value)
@@ -92,7 +94,7 @@ def test_a_refusal_names_the_memory_modes_and_the_modes_fit(flux, lora_dir, plan
     train_node(patcher, positive, latents, steps=1, batch_size=2, rank=16, save_name="streamed", stream_weights=True)
     assert {"force_full_load": False} in loads  # the host places what fits (then its sampler loads as usual)
     assert any("streamed from RAM" in text for text in said) and plans[-1].streamed > 0
-    assert plans[-1].fits(plan.needed - plan.weights // 2)
+    assert plans[-1].fits(plan.needed - plan.weights // 10)
 
 
 def test_lora_layers_blocks_trains_no_modulation_and_the_plan_counts_less(flux, lora_dir, plans):
@@ -129,6 +131,12 @@ def test_streamed_weights_train_the_same_lora(pack, lora_dir, monkeypatch):
                 streamed.append(sum(getattr(x, "comfy_cast_weights", False) for x in m.model.modules()))
 
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", load_partially)
+    said = []
+    monkeypatch.setattr(comfy_host.pack_module("host.progress").Progress, "say", lambda self, text: said.append(text))
+    copied = []
+    streamer = comfy_host.pack_module("shortcut_core.block_streaming").BlockStreamer
+    close = streamer.close
+    monkeypatch.setattr(streamer, "close", lambda self: (copied.append(self.copied_bytes), close(self)))
     before = comfy.model_management.EXTRA_RESERVED_VRAM
     for stream in (False, True):
         with torch.inference_mode():
@@ -140,7 +148,10 @@ def test_streamed_weights_train_the_same_lora(pack, lora_dir, monkeypatch):
                                                save_name=f"stream_{stream}")
         results.append(lora)
         assert module_hash(net) == original
-    assert streamed and min(streamed) > 0  # the lowvram path ran
+    assert streamed and min(streamed) > 0  # the host left layers in RAM ...
+    # ... and the trainer streamed their blocks whole, a block ahead, instead of the host's copies per op
+    assert any(text.startswith("streaming ") and " blocks from RAM" in text for text in said)
+    assert copied and copied[-1] > 0
     assert max(reserved) > before == comfy.model_management.EXTRA_RESERVED_VRAM  # raised while placing, restored
     assert results[0].keys() == results[1].keys()
     for k in results[0]:

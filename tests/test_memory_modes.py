@@ -124,9 +124,17 @@ def test_the_plan_counts_each_mode():
     # streaming: the weights that fit beside everything else and the host's headroom stay; the rest streams
     free, headroom = 20_000_000_000, 1_000_000_000
     one = replace(RUN, forward_batch=1)
+    assert one.checkpointing and one.prefetch_blocks
+    per_op = plan_training(FLUX_DEV, replace(one, stream_headroom=headroom, prefetch_blocks=False), free)
+    assert per_op.casts == 339_000_000 * 2  # the recomputed block's copies, made op by op
     streamed = plan_training(FLUX_DEV, replace(one, stream_headroom=headroom), free)
+    assert streamed.casts == 339_000_000 * 2 * 2  # the block computing and the one arriving
+    assert streamed.streamed > per_op.streamed
+    largest = sorted(FLUX_DEV.block_params, reverse=True)
+    n = streamed.streamed_blocks
+    assert sum(largest[:n]) * 2 >= streamed.streamed > sum(largest[:n - 1]) * 2 and n < streamed.blocks
+    assert f"{n} of {len(largest)} blocks" in streamed.text(free)
     rest = streamed.lora_state + streamed.activations + streamed.casts
-    assert streamed.casts == 339_000_000 * 2  # the recomputed block's copies
     usable = int(free / (1 + ALLOCATOR_SLACK))  # the allocator's slack stays free too
     assert streamed.weights == usable - rest - headroom and streamed.weights + streamed.streamed == FLUX_DEV.weight_bytes
     assert streamed.fits(free) and "streamed from RAM" in streamed.text(free)
