@@ -227,6 +227,9 @@ class ShortcutConfig:
             need(len(self.target_modules) > 0 and all(isinstance(s, str) and s for s in self.target_modules),
                  "target_modules", "must be None (every linear layer) or a non-empty list of module names")
         need(isinstance(self.extra, dict), "extra", "must be a dict")
+        # fp8's patched layer forwards are untested under compilation
+        need(not (self.compile_blocks and self.fp8_targets), "compile_blocks",
+             "cannot run together with fp8_targets yet; switch one of them off")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -191,27 +191,25 @@ class ShortcutTrainer:
         # A model loaded under inference_mode (every ComfyUI model) is trained through storage aliases.
         self._inference_aliases = InferenceTensorAliases(module)
         # Weights streamed block by block (block_streaming.py): None, off; else the blocks' weights found off the
-        # device, and those of the blocks listed (which the streamer takes off it for the run).
+        # device, and those of the blocks listed (which the streamer takes off it for the run). Compiled blocks
+        # guard on their weight tensors, which streaming replaces at every call: one or the other.
         self.streamer: BlockStreamer | None = None
         if streamed_blocks is not None:
-            if not config.gradient_checkpointing:
-                self.close()
-                raise ConfigError("gradient_checkpointing", "must be on to stream weights block by block: the "
-                                  "backward then needs one block's weights at a time (got False)")
+            for name, message in (("gradient_checkpointing", "must be on to stream weights block by block: the "
+                                   "backward then needs one block's weights at a time (got False)"),
+                                  ("compile_blocks", "cannot run together with stream_weights yet (got True); "
+                                   "switch one of them off")):
+                if getattr(config, name) != (name == "gradient_checkpointing"):
+                    self.close()
+                    raise ConfigError(name, message)
             try:
                 self.streamer = BlockStreamer(self.blocks, self.device, offload=streamed_blocks).__enter__()
             except BaseException:
                 self.close()
                 raise
-        # Each repeated block compiled (regional_compile.py), held open for the run. Weights swapped per block
-        # (streaming) or layers patched (fp8 targets) would defeat or confuse its guards: one of them at a time.
+        # Each repeated block compiled (regional_compile.py), held open for the run.
         self._compiled = contextlib.ExitStack()
         if config.compile_blocks:
-            for other, on in (("stream_weights", streamed_blocks is not None), ("fp8_targets", config.fp8_targets)):
-                if on:
-                    self.close()
-                    raise ConfigError("compile_blocks", f"cannot run together with {other} yet (got True); "
-                                      f"switch one of them off")
             self._compiled.enter_context(compiled_blocks(self.blocks))
             self._first_half = None  # per-item adapters pick by hooks dynamo does not tell apart: per-role passes
         # fp8 matmuls for the targets' no-grad passes: open for the run (one cache of quantized weights), active
