@@ -29,6 +29,7 @@ class ItemRole(enum.IntEnum):
     FLOW = 0     # plain flow-matching target noise - x0
     TEACHER = 1  # first half of the sub-steps from the teacher
     SELF = 2     # first half of the sub-steps from the fast EMA student
+    WALK = 3     # one jump of a sampler schedule on the teacher's recorded walk (trajectories.walk_target)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
                             teacher_walk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SCFM regression target for every item of the batch (at least float32, shaped like x_t).
 
-    FLOW items get noise - x0. A shortcut item at t = t[start] gets
+    FLOW items get noise - x0 (and WALK items, whose target the caller sets: trajectories.walk_target). A shortcut item at t = t[start] gets
         (sum_i dt_i * v_i) / (t[start] - t[start + t_skip])
     over t_skip Euler sub-steps: the first half walked by `teacher` (TEACHER items) or `fast_ema`
     (SELF items), the second half by `slow_ema`. Items of one role share each forward; with
@@ -178,7 +179,7 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
     half = (draw.times.shape[1] - 1) // 2
     role = draw.role
     target = flow_velocity_target(x0, noise)
-    shortcut = torch.nonzero(role != ItemRole.FLOW).flatten()
+    shortcut = torch.nonzero((role == ItemRole.TEACHER) | (role == ItemRole.SELF)).flatten()
     if shortcut.numel() == 0:
         return target
 

@@ -39,7 +39,7 @@ from .run_time import StepClock
 from .safetensors_io import SafetensorsFileError
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
-from .trajectories import TeacherTrajectories, place_teacher_items, recorded_teacher_walk
+from .trajectories import TeacherTrajectories, place_teacher_items, place_walk_items, recorded_teacher_walk, walk_target
 from .training_recipe import PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 
 
@@ -141,6 +141,10 @@ class ShortcutTrainer:
             raise TrainingDataError(f"trajectories: {trajectories.steps} steps, not a multiple of t_skip "
                                     f"({config.substeps}); record the teacher's walks at a multiple of it")
         self.trajectories = trajectories
+        self._walks = recipe.walk_steps is not None and recipe.walk_ratio > 0
+        if self._walks and trajectories is None:
+            raise TrainingDataError("the training recipe teaches sampler walks (walk_steps) from the teacher's recorded "
+                                    "walks: pass trajectories (data-free latents sampled by Shortcut Teacher Latents)")
         self.extra_args = dict(extra_args or {})
         for key, value in self.extra_args.items():
             if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != n):
@@ -263,6 +267,9 @@ class ShortcutTrainer:
                                    None if steps is None else tuple(n * cfg.substeps for n in steps))
         if self.trajectories is not None:
             draw = place_teacher_items(draw, self.trajectories, cfg.substeps, g)
+        if self._walks:
+            draw = place_walk_items(draw, self.training_recipe.walk_steps, self.training_recipe.walk_ratio,
+                                    cfg.substeps, g, cfg.t_max)
         index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
         noise = noise[part].to(self.device, x0.dtype)
@@ -304,10 +311,16 @@ class ShortcutTrainer:
                     on_walk, x_half, moved = recorded_teacher_walk(self.trajectories, index, draw, self.device)
                     x_t[torch.nonzero(draw.role == ItemRole.TEACHER).flatten().to(self.device)] = on_walk.to(x_t.dtype)
                     teacher_walk = (x_half, moved)
+                walking = torch.nonzero(draw.role == ItemRole.WALK).flatten().to(self.device)
+                if walking.numel():
+                    on_walk, walk_velocity = walk_target(self.trajectories, index, draw, self.device)
+                    x_t[walking] = on_walk.to(x_t.dtype)
                 with self._fp8_targets():
                     target = average_velocity_target(x_t, x0, noise, draw, teacher=self.velocity_as(TEACHER),
                                                      fast_ema=self.velocity_as(EMA_FAST), slow_ema=self.velocity_as(EMA_SLOW),
                                                      extra_args=extra, first_half=self._first_half, teacher_walk=teacher_walk)
+                if walking.numel():
+                    target[walking] = walk_velocity.to(target.dtype)
                 # The student runs last and its backward follows at once, so a recomputing
                 # checkpoint replays the forward with the student adapter still active.
                 with checkpoint_blocks(self.blocks, recompute=cfg.gradient_checkpointing,

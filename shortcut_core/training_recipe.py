@@ -38,6 +38,10 @@ class TrainingRecipe:
     # schedule); None: the paper's powers of two below the teacher's (1, 2, 4, 8 steps), which never train the
     # 3-step walk a user samples
     self_steps: tuple[int, ...] | None = None
+    # a share of the self items taught one jump of these sampler step counts straight from the teacher's
+    # recorded walks (trajectories.place_walk_items: exact targets, no forward); needs the walks
+    walk_steps: tuple[int, ...] | None = None
+    walk_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -45,7 +49,8 @@ class TrainingRecipe:
         for name, value, low, high in (("warmup", self.warmup, 0.0, 1.0), ("coarse_share", self.coarse_share, 0.0, 1.0), ("final_lr", self.final_lr, 0.0, 1.0),
                                        ("lr_scale", self.lr_scale, 1e-6, 1e6), ("fast_ema_power", self.fast_ema_power, 0.0, 1.0),
                                        ("slow_ema_power", self.slow_ema_power, 0.0, 1.0),
-                                       ("teacher_ramp", self.teacher_ramp, 0.0, 1.0), ("huber_c", self.huber_c, 0.0, 1e3)):
+                                       ("teacher_ramp", self.teacher_ramp, 0.0, 1.0), ("huber_c", self.huber_c, 0.0, 1e3),
+                                       ("walk_ratio", self.walk_ratio, 0.0, 1.0)):
             if not (isinstance(value, (int, float)) and low <= value <= high):
                 raise ValueError(f"TrainingRecipe.{name} must be a number from {low:g} to {high:g} (got {value!r})")
         if not (isinstance(self.t_skip, int) and self.t_skip >= 2 and self.t_skip % 2 == 0):
@@ -53,6 +58,9 @@ class TrainingRecipe:
         if self.self_steps is not None and not (len(self.self_steps) > 0 and all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.self_steps)):
             raise ValueError(f"TrainingRecipe.self_steps must be None or step counts >= 1 (got {self.self_steps!r})")
+        if self.walk_steps is not None and not (len(self.walk_steps) > 0 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.walk_steps)):
+            raise ValueError(f"TrainingRecipe.walk_steps must be None or step counts >= 1 (got {self.walk_steps!r})")
         if self.teacher_start is not None and not 0.0 <= self.teacher_start <= 1.0:
             raise ValueError(f"TrainingRecipe.teacher_start must be None or from 0 to 1 (got {self.teacher_start!r})")
 

@@ -17,6 +17,7 @@ import torch
 
 from .objective import ItemRole, ShortcutDraw, accumulation_dtype
 from .sampling import VelocityFn, sample_euler
+from .schedules import T_MAX, schedule_points
 
 
 @dataclass(frozen=True)
@@ -82,4 +83,50 @@ def recorded_teacher_walk(trajectories: TeacherTrajectories, index: torch.Tensor
     return x_t, x_half, x_t.to(acc) - x_half.to(acc)
 
 
-__all__ = ["TeacherTrajectories", "record_euler_trajectories", "place_teacher_items", "recorded_teacher_walk"]
+def state_at(trajectories: TeacherTrajectories, walks: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The states of `walks` at per-item times t: an Euler walk is straight between its recorded states, so
+    this linear interpolation is the walk itself, not an approximation of it."""
+    times = trajectories.times
+    t = t.to(torch.float64).clamp(float(times[-1]), float(times[0]))
+    # the recorded step whose segment holds t: times[j] >= t >= times[j + 1]
+    j = (torch.searchsorted(-times, -t, right=True) - 1).clamp(0, trajectories.steps - 1)
+    w = ((times[j] - t) / (times[j] - times[j + 1]))
+    a, b = trajectories.states[walks, j], trajectories.states[walks, j + 1]
+    acc = accumulation_dtype(a.dtype)
+    w = w.to(acc).reshape(-1, *([1] * (a.dim() - 1)))
+    return (a.to(acc) + w * (b.to(acc) - a.to(acc))).to(a.dtype)
+
+
+def place_walk_items(draw: ShortcutDraw, step_counts: tuple[int, ...], ratio: float, substeps: int,
+                     generator: torch.Generator, t_max: float = T_MAX) -> ShortcutDraw:
+    """The draw with a share `ratio` of its SELF items made WALK items: one jump t_k -> t_k+1 of an n-step
+    sampler schedule (n uniform over `step_counts`, k uniform below n, the item's drawn shift), taught from the
+    teacher's recorded walk (walk_target) with no forward. Draws for every item, whatever its role."""
+    n = len(draw)
+    chosen = torch.rand(n, generator=generator, dtype=torch.float64) < ratio
+    counts = torch.tensor(step_counts, dtype=torch.int64)[torch.randint(len(step_counts), (n,), generator=generator)]
+    k = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * counts).long()
+    walk = chosen & (draw.role == ItemRole.SELF)
+    length, start = counts * substeps, k * substeps
+    times = schedule_points(length, start, substeps, draw.shift, t_max=t_max)
+    return replace(draw, role=torch.where(walk, int(ItemRole.WALK), draw.role),
+                   schedule_length=torch.where(walk, length, draw.schedule_length),
+                   start=torch.where(walk, start, draw.start),
+                   times=torch.where(walk[:, None], times, draw.times))
+
+
+def walk_target(trajectories: TeacherTrajectories, index: torch.Tensor, draw: ShortcutDraw,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the WALK items of a draw (in batch order), with `index` the latents of the batch's items: (x_t on the
+    teacher's walk at t_k, the walk's average velocity from t_k to t_k+1), at least float32."""
+    which = torch.nonzero(draw.role == ItemRole.WALK).flatten()
+    walks, times = index[which], draw.times[which]
+    x_t = state_at(trajectories, walks, times[:, 0])
+    x_next = state_at(trajectories, walks, times[:, -1])
+    acc = accumulation_dtype(x_t.dtype)
+    jump = (times[:, 0] - times[:, -1]).to(acc).reshape(-1, *([1] * (x_t.dim() - 1)))
+    return x_t.to(device), ((x_t.to(acc) - x_next.to(acc)) / jump).to(device)
+
+
+__all__ = ["TeacherTrajectories", "record_euler_trajectories", "place_teacher_items", "recorded_teacher_walk",
+           "state_at", "place_walk_items", "walk_target"]

@@ -9,8 +9,9 @@ import torch
 from shortcut_core import ShortcutConfig, sample_euler, shifted_schedule
 from shortcut_core.objective import ItemRole, average_velocity_target, draw_shortcut_items
 from shortcut_core.trainer import ShortcutTrainer, TrainingDataError
-from shortcut_core.trajectories import (TeacherTrajectories, place_teacher_items, record_euler_trajectories,
-                                        recorded_teacher_walk)
+from shortcut_core.training_recipe import PAPER, TrainingRecipe
+from shortcut_core.trajectories import (TeacherTrajectories, place_teacher_items, place_walk_items,
+                                        record_euler_trajectories, recorded_teacher_walk, state_at, walk_target)
 
 from test_trainer import SHAPE, TinyVelocityNet
 
@@ -109,3 +110,90 @@ def test_walks_that_do_not_match_the_latents_are_refused_by_name():
     odd = _walks(net, steps=7)
     with pytest.raises(TrainingDataError, match="multiple of t_skip"):
         _train(odd, odd.latents)
+
+
+# ---------------------------------------------------------------------- WALK items: the sampler's own jumps
+def test_a_walk_is_its_recorded_states_and_straight_between_them():
+    walks = _walks(_teacher())
+    every = torch.arange(6)
+    for k in (0, 3, 8):
+        torch.testing.assert_close(state_at(walks, every, walks.times[k].repeat(6)), walks.states[:, k])
+    # halfway through step 3 the Euler walk is halfway between its states 3 and 4
+    middle = (walks.times[3] + walks.times[4]) / 2
+    torch.testing.assert_close(state_at(walks, every, middle.repeat(6)),
+                               (walks.states[:, 3] + walks.states[:, 4]) / 2)
+
+
+def test_walk_items_are_self_items_moved_onto_a_samplers_jump():
+    g = torch.Generator().manual_seed(1)
+    config = CONFIG.replace(shift_min=0.5, shift_max=3.0)
+    draw = draw_shortcut_items(64, config, g)
+    walked = place_walk_items(draw, (1, 3), 0.5, config.substeps, torch.Generator().manual_seed(2))
+    walk = walked.role == ItemRole.WALK
+    assert walk.any() and bool((draw.role[walk] == ItemRole.SELF).all())
+    assert torch.equal(walked.role[~walk], draw.role[~walk]) and torch.equal(walked.times[~walk], draw.times[~walk])
+    assert (walked.role == ItemRole.SELF).any()  # half of them stay self items
+    for i in torch.nonzero(walk).flatten().tolist():
+        n = int(walked.schedule_length[i]) // config.substeps
+        k = int(walked.start[i]) // config.substeps
+        assert n in (1, 3) and 0 <= k < n
+        sampler = shifted_schedule(n, float(walked.shift[i]), dtype=torch.float64)
+        torch.testing.assert_close(walked.times[i, [0, -1]], sampler[[k, k + 1]])
+    untouched = place_walk_items(draw, (1,), 0.0, config.substeps, torch.Generator().manual_seed(2))
+    assert torch.equal(untouched.role, draw.role) and torch.equal(untouched.times, draw.times)
+
+
+def test_a_walk_items_target_is_the_teachers_average_velocity_over_the_samplers_jump():
+    net = _teacher()
+    walks = _walks(net, steps=8)
+    g = torch.Generator().manual_seed(0)
+    draw = place_walk_items(draw_shortcut_items(16, CONFIG.replace(teacher_ratio=0.0), g), (2,), 1.0,
+                            CONFIG.substeps, g)
+    assert bool((draw.role == ItemRole.WALK).all())
+    index = torch.arange(16) % 6
+    x_t, target = walk_target(walks, index, draw)
+    # shift 1 and 2 steps: the jumps are 4 of the 8 recorded steps, start to middle or middle to end
+    for i in range(16):
+        k = int(draw.start[i]) // CONFIG.substeps
+        a, b = walks.states[index[i], 4 * k], walks.states[index[i], 4 * k + 4]
+        torch.testing.assert_close(x_t[i], a)
+        jump = walks.times[4 * k] - walks.times[4 * k + 4]
+        torch.testing.assert_close(target[i], ((a - b) / jump).float())
+
+
+def _walk_run(recipe, trajectories, latents, steps=40, config=CONFIG):
+    net = _teacher()
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents,
+                         config.replace(steps=steps, teacher_ratio=0.0, learning_rate=3e-3),
+                         trajectories=trajectories, training_recipe=recipe) as trainer:
+        trainer.run(progress=False)
+        noise = trajectories.states[:, 0]
+        one_step = trainer.sample_as("student", noise, shifted_schedule(1, 1.0), {}, 1.0)
+        return float((one_step - trajectories.latents).pow(2).mean())
+
+
+def test_training_on_one_step_walks_brings_the_one_step_sample_towards_the_teachers():
+    net = _teacher()
+    walks = _walks(net, n=6, steps=8)
+    one_step = TrainingRecipe(walk_steps=(1,), walk_ratio=1.0)
+    before = float((sample_euler(lambda x, t: net(x, t), walks.states[:, 0], shifted_schedule(1, 1.0), disable=True)
+                    - walks.latents).pow(2).mean())
+    after = _walk_run(one_step, walks, walks.latents)
+    assert after < 0.5 * before
+
+
+def test_walk_items_need_the_walks_and_leave_the_papers_run_alone():
+    net = _teacher()
+    walks = _walks(net)
+    with pytest.raises(TrainingDataError, match="walk_steps"):
+        ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents, CONFIG,
+                        training_recipe=TrainingRecipe(walk_steps=(1, 2), walk_ratio=0.5))
+    with pytest.raises(ValueError, match="walk_steps"):
+        TrainingRecipe(walk_steps=(0,), walk_ratio=0.5)
+    # walk_steps without a share draws nothing more: the paper's run, bit for bit
+    paper, _, state = _train(walks, walks.latents)
+    idle = ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents, CONFIG, trajectories=walks,
+                           training_recipe=TrainingRecipe(walk_steps=(1,), walk_ratio=0.0))
+    with idle as trainer:
+        trainer.run(progress=False)
+        assert trainer.losses == paper.losses and torch.equal(trainer.generator.get_state(), state)
