@@ -37,7 +37,9 @@ class RunSettings:
                               "preview output either way.", 0, 1_000_000, shown_on=TRAIN, slot=9)
     calibrate: bool = knob(True, "At the end, measure which strength and shift make the LoRA's few-step samples "
                            "closest to the teacher's many-step ones, and write that recipe into the file (Shortcut "
-                           "LoRA Loader outputs it).", shown_on=TRAIN, slot=10)
+                           "LoRA Loader outputs it). Before the first step, with the shifts left at auto, it also "
+                           "finds the shift the model itself samples sample_steps best at and trains around it.",
+                           shown_on=TRAIN, slot=10)
     export_diffusers: bool = knob(False, "Flux only: also write the LoRA in the authors' diffusers format "
                                   "(<save_name>_diffusers.safetensors).", shown_on=OPTIONS, slot=26)
     # memory modes (README: Will it fit?) come last on the options node, so saved workflows keep their widget order
@@ -72,6 +74,7 @@ class TrainingRun:
     on_checkpoint: Callable[[ShortcutTrainer], None] | None = None
     preview_every: int = 0                # few-step previews in the node every this many steps (0: none)
     calibrate: bool = False               # measure the best few-step recipe at the end (into the LoRA's metadata)
+    centre_shifts: bool = False           # first move the shifts around the teacher's best few-step one
     stream_weights: bool = False          # keep on the device only the weights that fit beside training (lowvram)
     prefetch_blocks: bool = True          # stream those block by block, one ahead (else: the host's copies per op)
     parallel: DataParallel | None = None  # data parallel under torchrun (the headless command)

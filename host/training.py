@@ -59,6 +59,8 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
                              init_lora=run.init_lora, blocks=blocks,
                              token_count=token_count(model_wrap.model_patcher, tuple(latents.shape[1:])),
                              device=latents.device, parallel=run.parallel, streamed_blocks=streamed) as trainer:
+            if run.centre_shifts:  # before a resume too: the same shifts as the run it continues (its checkpoint says)
+                self._centre_shifts(trainer, velocity, tuple(latents.shape[1:]))
             if run.resume_state:
                 trainer.load_checkpoint(run.resume_state)
             previewer = host_preview.latent_previewer(model_wrap.model_patcher)
@@ -87,19 +89,39 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
             self.outcome = TrainingOutcome(result=result, comparison=comparison, calibration=calibration)
         return torch.zeros_like(latent_image)
 
+    def _centre_shifts(self, trainer: ShortcutTrainer, velocity: ConditionedVelocity, latent_shape: tuple[int, ...]):
+        before = trainer.config
+        if self.run.reporter is not None:
+            self.run.reporter.say(f"finding the shift the model samples {before.sample_steps} steps best at ...")
+        noise, items = held_out_noise(trainer, velocity, latent_shape)
+        best = trainer.centre_shifts(noise, {"item": items})
+        cfg = trainer.config
+        text = (f"the model samples {best.steps} steps best at shift {best.shift:.3g} (its own: "
+                f"{before.sample_shift:.3g}): training shifts {cfg.shift_min:.3g}-{cfg.shift_max:.3g}")
+        log.info("TrainShortcut: %s", text)
+        if self.run.reporter is not None:
+            self.run.reporter.say(text)
+
     def _calibrate(self, trainer: ShortcutTrainer, velocity: ConditionedVelocity, latent_shape: tuple[int, ...]):
         if self.run.reporter is not None:
             self.run.reporter.say("calibrating the few-step recipe ...")
-        distinct = velocity.distinct_items()
-        lo, hi = CALIBRATION_SAMPLES
-        items = torch.tensor([distinct[i % len(distinct)] for i in range(min(hi, max(lo, 2 * len(distinct))))])
-        # Held-out: a generator of its own, never the one training draws from.
-        noise = torch.randn((len(items), *latent_shape), generator=torch.Generator().manual_seed(trainer.config.seed + 1))
+        noise, items = held_out_noise(trainer, velocity, latent_shape)
         calibration = trainer.calibrate(noise, {"item": items})
         log.info("TrainShortcut: %s", calibration.text())
         if self.run.reporter is not None:
             self.run.reporter.say(calibration.text())
         return calibration
+
+
+def held_out_noise(trainer: ShortcutTrainer, velocity: ConditionedVelocity, latent_shape: tuple[int, ...]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration's noises and the conditioning item of each: every distinct conditioning, two noises each,
+    from a generator of its own (never the one training draws from)."""
+    distinct = velocity.distinct_items()
+    lo, hi = CALIBRATION_SAMPLES
+    items = torch.tensor([distinct[i % len(distinct)] for i in range(min(hi, max(lo, 2 * len(distinct))))])
+    noise = torch.randn((len(items), *latent_shape), generator=torch.Generator().manual_seed(trainer.config.seed + 1))
+    return noise, items
 
 
 def blocks_left_in_ram(blocks) -> list[int]:

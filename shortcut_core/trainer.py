@@ -27,7 +27,7 @@ from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeig
 from .block_streaming import BlockStreamer
 from .calibration import STEP_COUNTS, Calibration, Recipe, calibrate_recipe
 from .checkpoint import CheckpointWriteError, checkpoint_state, load_into, write_checkpoint
-from .config import ConfigError, ShortcutConfig
+from .config import ConfigError, ShortcutConfig, schedule_around
 from .data_parallel import DataParallel
 from .fp8_compute import fp8_compute_supported, fp8_no_grad_linears
 from .regional_compile import compiled_blocks
@@ -125,9 +125,7 @@ class ShortcutTrainer:
         # how learning rate, EMA decays and teacher share move over the run (None: the config's named recipe's;
         # the sub-steps are the config's: ShortcutConfig.substeps)
         self.training_recipe = recipe = TRAINING_RECIPES[config.recipe] if training_recipe is None else training_recipe
-        # after the recipe's coarse phase, targets walk the paper's sub-steps (t_skip left at auto only)
-        self._fine_config = (config.replace(t_skip=PAPER.t_skip) if config.t_skip == 0 and recipe.coarse_share < 1
-                             else config)
+        self._use_config(config)
         self.parallel = parallel  # data parallel (see data_parallel.py): this process's shard of every batch
         self.latents = _check_latents(latents)
         n = self.latents.shape[0]
@@ -226,6 +224,12 @@ class ShortcutTrainer:
         self.losses: list[float] = []
         self.calibration: Calibration | None = None
         self._consistent = True
+
+    def _use_config(self, config: ShortcutConfig) -> None:
+        self.config = config
+        # after the recipe's coarse phase, targets walk the paper's sub-steps (t_skip left at auto only)
+        self._fine_config = (config.replace(t_skip=PAPER.t_skip)
+                             if config.t_skip == 0 and self.training_recipe.coarse_share < 1 else config)
 
     @property
     def processes(self) -> int:
@@ -458,6 +462,28 @@ class ShortcutTrainer:
         held-out noises, searching the recipe (strength, shift) for the config's sample_steps and each of
         `step_counts` (calibration.search_recipes), and keep the result: lora_metadata() then recommends the
         best recipe at sample_steps and carries the best for every step count."""
+        self.calibration = self._measure_recipes(STUDENT, noise, extra_args, reference_steps, step_counts)
+        return self.calibration
+
+    def centre_shifts(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
+                      reference_steps: int | None = None) -> Recipe:
+        """Before the first step: move the run's shifts, the training draw and the sampling shift, around the
+        shift at which the teacher itself samples the config's sample_steps best (the calibration's search on
+        the teacher, over held-out noises; config.schedule_around). A model's own shift is made for many steps
+        (Flux's 3.25, Wan's 8), and on a teacher whose few-step walks want another one, a LoRA trained around the
+        model's is worse and no recipe chosen afterwards recovers it (docs/convergence.md). Returns the teacher's
+        best recipe; the LoRA, optimizer and training RNG are untouched."""
+        if self.step_count:
+            raise RuntimeError(f"centre_shifts moves the training draw before the first step (the run is at step "
+                               f"{self.step_count})")
+        cfg = self.config
+        best, _ = self._measure_recipes(TEACHER, noise, extra_args, reference_steps,
+                                        (cfg.sample_steps,)).best_for(cfg.sample_steps)
+        self._use_config(cfg.replace(**schedule_around(best.shift, cfg.resolution_shift_prob)))
+        return best
+
+    def _measure_recipes(self, role: str, noise: torch.Tensor, extra_args: Mapping[str, Any] | None,
+                         reference_steps: int | None, step_counts: Sequence[int]) -> Calibration:
         cfg = self.config
         reference_steps = reference_steps or cfg.reference_steps
 
@@ -471,11 +497,11 @@ class ShortcutTrainer:
         reference = in_batches(TEACHER, shifted_schedule(reference_steps, cfg.sample_shift, t_max=cfg.t_max))
 
         def sample(recipe: Recipe) -> torch.Tensor:
-            return in_batches(STUDENT, shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max), recipe.strength)
+            # the teacher has no strength: its line of strengths measures alike and the choice keeps 1
+            return in_batches(role, shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max),
+                              recipe.strength if role == STUDENT else 1.0)
 
-        self.calibration = calibrate_recipe(sample, reference, cfg.sample_steps, cfg.sample_shift, reference_steps,
-                                            step_counts)
-        return self.calibration
+        return calibrate_recipe(sample, reference, cfg.sample_steps, cfg.sample_shift, reference_steps, step_counts)
 
     # ------------------------------------------------------------------ checkpoints (format: checkpoint.py)
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

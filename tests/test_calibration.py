@@ -96,11 +96,11 @@ def test_the_distance_is_the_root_mean_square_difference():
     assert sample_distance(torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])) == pytest.approx(12.5 ** 0.5)
 
 
-def _trainer(net, steps=4):
+def _trainer(net, steps=4, **changes):
     latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
     config = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=steps, learning_rate=1e-2, checkpoint_every=0,
                             guidance_range=None, resolution_shift_prob=0.0, teacher_min_steps=8, teacher_max_steps=8,
-                            sample_steps=2, sample_shift=1.0, gradient_checkpointing=False)
+                            sample_steps=2, sample_shift=1.0, gradient_checkpointing=False).replace(**changes)
     return ShortcutTrainer(net, lambda x, t, **e: net(x, t), latents, config)
 
 
@@ -159,3 +159,35 @@ def test_calibrate_searches_every_step_count_and_the_metadata_recommends_its_bes
                                                     "shift": calibration.best_for(1)[0].shift}
     again = LoraMetadata.from_strings(metadata.to_strings())
     assert Calibration.from_dict(again.calibration).table == calibration.table
+
+
+def test_centre_shifts_moves_the_draw_around_the_teachers_best_few_step_shift_and_nothing_else():
+    from shortcut_core.config import schedule_around
+
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    noise = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(9))
+    with _trainer(net, steps=3, sample_shift=3.25, shift_min=2.5, shift_max=4.5) as plain:
+        given = plain.config
+        best = plain.centre_shifts(noise)
+        centred = plain.config
+        plain.run(progress=False)
+        with pytest.raises(RuntimeError, match="before the first step"):
+            plain.centre_shifts(noise)
+        lora, losses = plain.adapters.lora_state(STUDENT), list(plain.losses)
+    assert best.steps == 2 and best.strength == 1.0
+    assert centred == given.replace(**schedule_around(best.shift, given.resolution_shift_prob))
+    assert centred.sample_shift == pytest.approx(best.shift, rel=1e-3) and centred.shift_min < best.shift < centred.shift_max
+
+    # the teacher's own 2-step samples are closer to its 8-step ones at the shift found than at the config's
+    reference = sample_euler(lambda x, t: net(x, t), noise, shifted_schedule(8, given.sample_shift))
+    def distance(shift):
+        return sample_distance(sample_euler(lambda x, t: net(x, t), noise, shifted_schedule(2, shift)), reference)
+    assert best.shift != given.sample_shift and distance(best.shift) < distance(given.sample_shift)
+
+    # centring changes the config only: a run given the centred config from the start is the same run
+    changes = {k: getattr(centred, k) for k in ("sample_shift", "shift_min", "shift_max")}
+    with _trainer(net, steps=3, **changes) as direct:
+        direct.run(progress=False)
+        assert direct.losses == losses
+        assert all(torch.equal(direct.adapters.lora_state(STUDENT)[k].up, lora[k].up) for k in lora)
