@@ -35,7 +35,7 @@ from shortcut_core.calibration import sample_distance
 from shortcut_core.training_recipe import TRAINING_RECIPES, TrainingRecipe
 
 from .report import machine_line, markdown_table
-from .teachers import TEACHERS, Teacher, euler_samples
+from .teachers import TEACHERS, Teacher, euler_samples, with_walks
 
 STEP_COUNTS = (1, 2, 3, 4)
 BUDGETS = (1 / 9, 1 / 3, 1.0)
@@ -105,11 +105,19 @@ def train(teacher: Teacher, recipe_name: str, schedules: TrainingRecipe | None, 
     """One SCFM run of `total` steps on the teacher, measured after each of `eval_at` steps. `schedules`: the
     per-step levers (None: those of the config's named recipe, overrides["recipe"]); `trajectories`: teacher
     items on the teacher's recorded walks (data-free teachers); `before`: also measure at 0.4.0's recipe."""
+    centre = overrides.pop("_centre", False)
     config = teacher.config.replace(steps=total, **overrides)
     points, seconds = [], 0.0
     with ShortcutTrainer(teacher.module, teacher.velocity, teacher.latents, config, extra_args=teacher.extra_args,
                          blocks=teacher.blocks, training_recipe=schedules,
                          trajectories=teacher.trajectories if trajectories else None) as trainer:
+        if centre:  # the shifts around the teacher's own best few-step shift; the time counts
+            started = time.perf_counter()
+            noise, args = teacher.calibration_noise(config.seed)
+            best = trainer.centre_shifts(noise, args, reference_steps=config.reference_steps)
+            seconds += time.perf_counter() - started
+            print(f"  {teacher.name}: the teacher samples {config.sample_steps} steps best at shift {best.shift:.3g} "
+                  f"(config: {config.sample_shift:.3g})", flush=True)
         for stop in eval_at:
             started = time.perf_counter()
             trainer.run(stop, progress=False)
@@ -196,6 +204,14 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
                                                     {"t_skip": 4, "_steps": 5 / 7}),
         "self steps 1-2": (replace(paper, self_steps=(1, 2)), {}),
         "self steps 1-3 and 8": (replace(paper, self_steps=(1, 2, 3, 8)), {}),
+        # data-free teachers only: a share of the shortcut items taught the sampler's own 1-3-step jumps straight
+        # from the recorded walks (exact targets, no forward; the teacher items on the walks as above)
+        "walks 1-3, 50%": (replace(paper, walk_steps=(1, 2, 3), walk_ratio=0.5), {"_trajectories": True}),
+        "walks 1-3, 80%": (replace(paper, walk_steps=(1, 2, 3), walk_ratio=0.8), {"_trajectories": True}),
+        "walks 1, 50%": (replace(paper, walk_steps=(1,), walk_ratio=0.5), {"_trajectories": True}),
+        # a bound, not a candidate: every item a 1-step jump with its exact target, three times the budget
+        "walks 1 only, x3": (replace(paper, walk_steps=(1,), walk_ratio=1.0),
+                             {"_trajectories": True, "teacher_ratio": 0.0, "_steps": 3}),
         # issue #24: the targets' no-grad passes in fp8 (on a CPU the numerics of the GPU path, at no gain)
         "fp8 targets": (paper, {"fp8_targets": True}),
         # the calibration picks shifts below the training draw on every tiny teacher: train where it samples
@@ -280,11 +296,13 @@ def versus_paper(points: list[Point]) -> str | None:
             sd = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
             spread.append(f"{100 * sd / mean:.1f}%")
         rows.append([f"(the paper's 3-step RMSE over {len(seeds)} seeds: sd / mean)", *spread, ""])
+    if not rows:
+        return None  # the paper's points alone: nothing to set beside them
     head = "lever (3-step RMSE / FD, over the paper's" + (", mean over seeds (RMSE range))" if len(seeds) > 1 else ")")
     return markdown_table([head, *names, "better on both"], rows)
 
 
-def goal_table(points: list[Point], lever: str) -> str:
+def goal_table(points: list[Point], lever: str, now: str = "paper") -> str:
     """Issue #23's goal per teacher, each a mean over the seeds measured: the paper's recipe at its full budget
     sampled as 0.4.0 did (one recipe from the old grid for every step count) and as today (a recipe per step
     count from the wide search), and `lever`'s points (e.g. at a third of the budget) at today's calibration."""
@@ -297,17 +315,18 @@ def goal_table(points: list[Point], lever: str) -> str:
         full = max((p.steps for p in paper), default=None)
         paper = [p for p in paper if p.steps == full]
         mine = [p for p in points if p.teacher == t and recipe_and_seed(p.recipe)[0] == lever]
-        if not paper:
+        today = [p for p in points if p.teacher == t and recipe_and_seed(p.recipe)[0] == now and p.steps == full]
+        if not paper or not today:
             continue
         was = {n: mean([p.before[n] for p in paper]) for n in STEP_COUNTS}
-        now = {n: mean([p.rmse[n] for p in paper]) for n in STEP_COUNTS}
-        fd = mean([p.fd3 / p.teacher_fd32 for p in paper])
+        rmse = {n: mean([p.rmse[n] for p in today]) for n in STEP_COUNTS}
+        fd = mean([p.fd3 / p.teacher_fd32 for p in today])
         lever3 = mean([p.rmse[3] for p in mine])
-        rows.append([t, f"{len(paper)}", f"{was[3]:.4f}", f"{now[3]:.4f} ({now[3] / was[3]:.2f}x)",
-                     f"{lever3:.4f} ({lever3 / now[3]:.2f}x)" if mine else "", f"{fd:.2f}x",
-                     f"{now[2]:.4f} ({now[2] / was[3]:.2f}x)", f"{was[1]:.4f} -> {now[1]:.4f} ({now[1] / was[1]:.2f}x)"])
+        rows.append([t, f"{len(today)}", f"{was[3]:.4f}", f"{rmse[3]:.4f} ({rmse[3] / was[3]:.2f}x)",
+                     f"{lever3:.4f} ({lever3 / rmse[3]:.2f}x)" if mine else "", f"{fd:.2f}x",
+                     f"{rmse[2]:.4f} ({rmse[2] / was[3]:.2f}x)", f"{was[1]:.4f} -> {rmse[1]:.4f} ({rmse[1] / was[1]:.2f}x)"])
     return markdown_table(["teacher", "seeds", "paper, full budget: 3 steps at 0.4.0's recipe",
-                           "3 steps, today's calibration", f"{lever}: 3 steps (/ paper full, today)",
+                           "3 steps, today's calibration" + ("" if now == "paper" else f" ({now})"), f"{lever}: 3 steps (/ paper full, today)",
                            "3-step FD / teacher's 32-step", "2 steps, today (/ 0.4.0's 3 steps)",
                            "1 step: 0.4.0 -> today"], rows)
 
@@ -397,6 +416,18 @@ def main(argv: list[str] | None = None) -> list[Point]:
     ap.add_argument("--goal", default=None, metavar="LEVER",
                     help="the goal table: the paper's recipe at the full budget before (0.4.0's calibration) and "
                          "after (today's), beside LEVER's points (e.g. an ablation's, at a third of the budget)")
+    ap.add_argument("--walks", type=int, default=None,
+                    help="data-free teachers train on this many of their own walks (default 64); teachers on data "
+                         "are left as they are")
+    ap.add_argument("--user-shifts", action="store_true",
+                    help="train and calibrate around the shifts a user gets by default (the config's; for the "
+                         "ComfyUI families the host's family recipe) instead of each teacher's best")
+    ap.add_argument("--centre-shifts", action="store_true",
+                    help="before each run, move its shifts around the teacher's own best few-step shift (calibrated "
+                         "on the untrained LoRA; the time counts)")
+    ap.add_argument("--goal-now", default="paper", metavar="RECIPE",
+                    help="with --goal: the full-budget points that stand for today (default the paper's recipe)")
+    ap.add_argument("--label", default=None, help="append this to every recipe label of this run's points")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="training seeds (draws, LoRA init, calibration noises; default the teacher config's); with "
                          "more than one, each point's recipe is labelled with its seed")
@@ -415,6 +446,10 @@ def main(argv: list[str] | None = None) -> list[Point]:
     for name in (n for n in args.teachers if n != "none"):
         started = time.perf_counter()
         teacher = teachers[name] = TEACHERS[name]()
+        if args.walks and teacher.trajectories is not None:
+            with_walks(teacher, args.walks)
+        if args.user_shifts:
+            teacher.config = teacher.config.replace(**teacher.user_schedule)
         print(f"{name}: {teacher.kind}; full budget {teacher.config.steps} steps of batch "
               f"{teacher.config.batch_size}; teacher FD 1/2/3/4/32 steps "
               + " / ".join(f"{teacher.teacher_fd[n]:.3f}" for n in (1, 2, 3, 4, 32))
@@ -422,8 +457,12 @@ def main(argv: list[str] | None = None) -> list[Point]:
               f"({time.perf_counter() - started:.0f} s to set up)", flush=True)
         for seed in args.seeds or (None,):
             run = {} if seed is None else {"seed": seed}
+            if args.centre_shifts:
+                run["_centre"] = True
             mine = (run_ablations(teacher, args.share, args.only, **run) if args.ablate
                     else curves(teacher, args.recipes, args.budgets, args.before, **run))
+            if args.label:
+                mine = [replace(p, recipe=f"{p.recipe}{args.label}") for p in mine]
             if args.seeds and len(args.seeds) > 1:
                 mine = [replace(p, recipe=f"{p.recipe} (seed {seed})") for p in mine]
             points += mine
@@ -432,7 +471,7 @@ def main(argv: list[str] | None = None) -> list[Point]:
     if summary:
         text = f"{summary}\n\n{text}"
     if args.goal:
-        text = f"{goal_table(points, args.goal)}\n\n{text}"
+        text = f"{goal_table(points, args.goal, args.goal_now)}\n\n{text}"
     print()
     print(text)
     if args.out:

@@ -60,6 +60,10 @@ class Teacher:
     make_args: Callable[[int, int], dict[str, Any]]   # (count, seed) -> per-item arguments for fresh noises
     blocks: tuple[nn.Module, ...] = ()          # repeated blocks (ShortcutTrainer's blocks: some add in place)
     trajectories: TeacherTrajectories | None = None   # data-free: the teacher's walks that made the latents
+    # the schedule knobs a user gets by default (the config's, or the host's family recipe): config has the
+    # teacher's best shift instead, which a user does not know (convergence.py --user-shifts)
+    user_schedule: dict[str, float] = field(default_factory=lambda: {
+        k: getattr(ShortcutConfig(), k) for k in ("shift_min", "shift_max", "sample_shift")})
     eval_noise: torch.Tensor = field(init=False)
     eval_args: dict[str, Any] = field(init=False)
     reference: torch.Tensor = field(init=False)
@@ -140,7 +144,7 @@ def family_teacher(family: str, seed: int = 0) -> Teacher:
 
     latent, steps, batch, lr = FAMILY_CASES[family]
     spec = comfy_host.FAMILIES[family]
-    model, _ = spec.build(seed=seed, std=0.02)
+    model, patcher = spec.build(seed=seed, std=0.02)
     norms_at_their_usual_init(model.diffusion_model)
     positive = [[torch.zeros_like(context), options] for context, options in spec.positive(6, seed)]
     key = f"family-teacher-v1 {family} {latent} {steps} {batch} {lr} {seed} {torch.__version__}"
@@ -184,7 +188,21 @@ def family_teacher(family: str, seed: int = 0) -> Teacher:
     return Teacher(family, f"ComfyUI {family} class at tiny width, {list(latent)} latents, data-free",
                    net, velocity, walks.latents, make_args(64, 0), config, 1.0,
                    teacher_samples(2000, 99, 128), lambda x: x.flatten(1)[:, :: max(1, x[0].numel() // 128)],
-                   make_args, tuple(families.repeated_blocks(net)), walks)
+                   make_args, tuple(families.repeated_blocks(net)), walks,
+                   families.family_recipe(patcher).schedule)
+
+
+def with_walks(teacher: Teacher, count: int, seed: int = 7) -> Teacher:
+    """A data-free teacher trained on `count` walks of its own instead (as a user asks Shortcut Teacher Latents for
+    more latents): recorded over the same schedule from other noises, with fresh per-item arguments."""
+    if teacher.trajectories is None:
+        raise ValueError(f"{teacher.name} trains on data, not on its own walks")
+    noise = torch.randn(count, *teacher.latents.shape[1:], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        walks = record_euler_trajectories(teacher.velocity, noise, teacher.trajectories.times.float(),
+                                          teacher.make_args(count, seed))
+    teacher.latents, teacher.extra_args, teacher.trajectories = walks.latents, teacher.make_args(count, 0), walks
+    return teacher
 
 
 TEACHERS: dict[str, Callable[[], Teacher]] = {

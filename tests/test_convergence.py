@@ -84,3 +84,16 @@ def test_the_goal_table_compares_the_full_paper_run_before_and_after_with_a_leve
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1:] == ["2", "0.2000", "0.1000 (0.50x)", "0.1000 (1.00x)", "1.10x", "0.1500 (0.75x)",
                          "0.8000 -> 0.4000 (0.50x)"]
+    # today's column from other full-budget points (e.g. the shifts centred on the teacher), 0.4.0's still from
+    # the paper's; without such points the teacher has no row
+    centred = [Point("a", f"centred (seed {s})", 300, 1.0, {1: 0.32, 2: 0.12, 3: 0.08, 4: 0.07}, 1.2, 1.0,
+                     points[0].recipes) for s in (0, 1)]
+    row = next(line for line in goal_table(points + centred, "lever", now="centred").splitlines()
+               if line.startswith("| a "))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2:4] == ["0.2000", "0.0800 (0.40x)"] and cells[6:] == ["0.1200 (0.60x)", "0.8000 -> 0.3200 (0.40x)"]
+    assert "| a " not in goal_table(points, "lever", now="centred")
+
+
+def test_paper_points_of_one_seed_alone_have_no_lever_table():
+    assert versus_paper([_point("a", "paper", 0.2, 2.0), _point("b", "paper", 0.1, 1.0)]) is None
