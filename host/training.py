@@ -94,7 +94,7 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
         if self.run.reporter is not None:
             self.run.reporter.say(f"finding the shift the model samples {before.sample_steps} steps best at ...")
         noise, items = held_out_noise(trainer, velocity, latent_shape)
-        best = trainer.centre_shifts(noise, {"item": items})
+        best = trainer.centre_shifts(noise, {"item": items}, between=interrupted)
         cfg = trainer.config
         text = (f"the model samples {best.steps} steps best at shift {best.shift:.3g} (its own: "
                 f"{before.sample_shift:.3g}): training shifts {cfg.shift_min:.3g}-{cfg.shift_max:.3g}")
@@ -106,11 +106,17 @@ class GraphTrainingSampler(comfy.samplers.Sampler):
         if self.run.reporter is not None:
             self.run.reporter.say("calibrating the few-step recipe ...")
         noise, items = held_out_noise(trainer, velocity, latent_shape)
-        calibration = trainer.calibrate(noise, {"item": items})
+        calibration = trainer.calibrate(noise, {"item": items}, between=interrupted)
         log.info("TrainShortcut: %s", calibration.text())
         if self.run.reporter is not None:
             self.run.reporter.say(calibration.text())
         return calibration
+
+
+def interrupted() -> None:
+    """Raise where the user pressed Cancel (ComfyUI's interrupt): between the calibration's samplings, which
+    have no training step to stop at."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def held_out_noise(trainer: ShortcutTrainer, velocity: ConditionedVelocity, latent_shape: tuple[int, ...]

@@ -457,37 +457,43 @@ class ShortcutTrainer:
                 self.adapters.set_strength(role, 1.0)
 
     def calibrate(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
-                  reference_steps: int | None = None, step_counts: Sequence[int] = STEP_COUNTS) -> Calibration:
+                  reference_steps: int | None = None, step_counts: Sequence[int] = STEP_COUNTS,
+                  between: Callable[[], None] | None = None) -> Calibration:
         """Measure the student's few-step samples against the teacher's many-step samples from the same
         held-out noises, searching the recipe (strength, shift) for the config's sample_steps and each of
         `step_counts` (calibration.search_recipes), and keep the result: lora_metadata() then recommends the
-        best recipe at sample_steps and carries the best for every step count."""
-        self.calibration = self._measure_recipes(STUDENT, noise, extra_args, reference_steps, step_counts)
+        best recipe at sample_steps and carries the best for every step count. `between()` runs before each
+        sampling (raising from it stops the search, e.g. on the host's interrupt)."""
+        self.calibration = self._measure_recipes(STUDENT, noise, extra_args, reference_steps, step_counts, between)
         return self.calibration
 
     def centre_shifts(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
-                      reference_steps: int | None = None) -> Recipe:
+                      reference_steps: int | None = None, between: Callable[[], None] | None = None) -> Recipe:
         """Before the first step: move the run's shifts, the training draw and the sampling shift, around the
         shift at which the teacher itself samples the config's sample_steps best (the calibration's search on
         the teacher, over held-out noises; config.schedule_around). A model's own shift is made for many steps
         (Flux's 3.25, Wan's 8), and on a teacher whose few-step walks want another one, a LoRA trained around the
         model's is worse and no recipe chosen afterwards recovers it (docs/convergence.md). Returns the teacher's
-        best recipe; the LoRA, optimizer and training RNG are untouched."""
+        best recipe; the LoRA, optimizer and training RNG are untouched (and the config too when `between`, run
+        before each sampling, raises)."""
         if self.step_count:
             raise RuntimeError(f"centre_shifts moves the training draw before the first step (the run is at step "
                                f"{self.step_count})")
         cfg = self.config
-        best, _ = self._measure_recipes(TEACHER, noise, extra_args, reference_steps,
-                                        (cfg.sample_steps,)).best_for(cfg.sample_steps)
+        best, _ = self._measure_recipes(TEACHER, noise, extra_args, reference_steps, (cfg.sample_steps,),
+                                        between).best_for(cfg.sample_steps)
         self._use_config(cfg.replace(**schedule_around(best.shift, cfg.resolution_shift_prob)))
         return best
 
     def _measure_recipes(self, role: str, noise: torch.Tensor, extra_args: Mapping[str, Any] | None,
-                         reference_steps: int | None, step_counts: Sequence[int]) -> Calibration:
+                         reference_steps: int | None, step_counts: Sequence[int],
+                         between: Callable[[], None] | None = None) -> Calibration:
         cfg = self.config
         reference_steps = reference_steps or cfg.reference_steps
 
         def in_batches(role: str, sigmas: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+            if between is not None:
+                between()
             # forwards no larger than a training batch's: the memory the run was sized for
             n, size = noise.shape[0], cfg.batch_size
             return torch.cat([self.sample_as(role, noise[i:i + size], sigmas,

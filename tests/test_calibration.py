@@ -191,3 +191,26 @@ def test_centre_shifts_moves_the_draw_around_the_teachers_best_few_step_shift_an
         direct.run(progress=False)
         assert direct.losses == losses
         assert all(torch.equal(direct.adapters.lora_state(STUDENT)[k].up, lora[k].up) for k in lora)
+
+
+def test_a_raise_between_samplings_stops_the_search_and_leaves_the_run_as_it_was():
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(9))
+    calls = []
+
+    def cancel_at_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with _trainer(net, steps=2, sample_shift=3.25, shift_min=2.5, shift_max=4.5) as trainer:
+        given = trainer.config
+        with pytest.raises(KeyboardInterrupt):
+            trainer.centre_shifts(noise, between=cancel_at_third)
+        assert trainer.config == given and len(calls) == 3
+        trainer.run(progress=False)
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            trainer.calibrate(noise, between=cancel_at_third)
+        assert trainer.calibration is None and trainer.lora_metadata().calibration is None

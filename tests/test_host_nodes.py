@@ -199,6 +199,24 @@ def test_calibrate_first_centres_the_auto_shifts_on_the_models_best_few_step_shi
     assert (typed["shift_min"], typed["shift_max"]) == (2.0, 3.0)
 
 
+def test_cancel_stops_the_search_for_the_shift_before_the_first_step(flux, lora_dir):
+    """The shift search before training has no step to stop at: the UI's Cancel is checked between its samplings,
+    and stops the run before anything is written, the shared network as it was."""
+    import comfy.model_management
+    patcher, positive, _ = flux
+    net = patcher.model.diffusion_model
+    before = module_hash(net)
+    latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="cancelled")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert module_hash(net) == before
+    assert not (lora_dir / "cancelled.safetensors").exists() and not (lora_dir / "cancelled.train_state").exists()
+
+
 def test_train_shortcut_trains_on_from_a_lora_without_state_and_never_overwrites_files(flux, lora_dir):
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
