@@ -37,8 +37,9 @@ class RunSettings:
                               "preview output either way.", 0, 1_000_000, shown_on=TRAIN, slot=9)
     calibrate: bool = knob(True, "At the end, measure which strength and shift make the LoRA's few-step samples "
                            "closest to the teacher's many-step ones, and write that recipe into the file (Shortcut "
-                           "LoRA Loader outputs it). Before the first step, with the shifts left at auto, it also "
-                           "finds the shift the model itself samples sample_steps best at and trains around it.",
+                           "LoRA Loader outputs it). Before the first step, with the shifts at auto (or the model "
+                           "family's own values), it also finds the shift the model itself samples sample_steps "
+                           "best at and trains around it.",
                            shown_on=TRAIN, slot=10)
     export_diffusers: bool = knob(False, "Flux only: also write the LoRA in the authors' diffusers format "
                                   "(<save_name>_diffusers.safetensors).", shown_on=OPTIONS, slot=26)

@@ -42,21 +42,15 @@ def settled_config(values: Mapping[str, Any], family_schedule: Mapping[str, floa
     """The run's ShortcutConfig from every knob widget's value (Train Shortcut's and the options'). A knob at its
     "auto" value takes the family's (family_schedule). A workflow saved by 0.4.0, before "auto" existed, holds
     the paper's Flux values in all of them, which then meant the family's: it still gets the family's."""
-    auto = knobs_from_family(values)
+    saved_by_0_4 = all(values[name] == getattr(ShortcutConfig, name) for name in SCHEDULE_KNOBS)
     fields = {}
     for f, k in knobs_of(ShortcutConfig):
         if k.shown_on is None:
             continue
-        fields[f.name] = family_schedule[f.name] if f.name in auto else field_value(values, f, k)
+        value = field_value(values, f, k)
+        from_family = f.name in SCHEDULE_KNOBS and (saved_by_0_4 or value == k.auto)
+        fields[f.name] = family_schedule[f.name] if from_family else value
     return ShortcutConfig(**fields, extra=extra)
-
-
-def knobs_from_family(values: Mapping[str, Any]) -> set[str]:
-    """The schedule knobs whose value is the family's: those at "auto", or all of them in a workflow saved by
-    0.4.0 (before "auto" existed it held the paper's Flux values in all of them, which then meant the family's)."""
-    saved_by_0_4 = all(values[name] == getattr(ShortcutConfig, name) for name in SCHEDULE_KNOBS)
-    return {f.name for f, k in knobs_of(ShortcutConfig)
-            if f.name in SCHEDULE_KNOBS and (saved_by_0_4 or field_value(values, f, k) == k.auto)}
 
 
 def run_settings(values: Mapping[str, Any]) -> RunSettings:

@@ -197,6 +197,11 @@ def test_calibrate_first_centres_the_auto_shifts_on_the_models_best_few_step_shi
                sample_shift=2.5)
     typed = load_lora(lora_dir / "typed.safetensors").metadata.config
     assert (typed["shift_min"], typed["shift_max"]) == (2.0, 3.0)
+    # the family's own values typed in (as the Wan and Qwen example workflows show them) are the family's
+    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="as_family", shift_min=2.5,
+               shift_max=4.5, sample_shift=3.25, resolution_shift_prob=0.0)
+    as_family = load_lora(lora_dir / "as_family.safetensors").metadata.config
+    assert as_family["sample_shift"] == config["sample_shift"] and as_family["shift_min"] == config["shift_min"]
 
 
 def test_cancel_stops_the_search_for_the_shift_before_the_first_step(flux, lora_dir):
