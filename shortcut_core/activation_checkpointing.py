@@ -20,6 +20,8 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator
 import torch
 from torch import nn
 
+from .forward_patches import own_forward, restore_forwards
+
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:
     """The tensors in an argument, also inside tuples, lists, dicts and dataclasses: blocks take activations packed
@@ -71,7 +73,7 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], *, recompute: bool = True, cl
     wrapped: list[tuple[nn.Module, Any]] = []
     try:
         for block in blocks:
-            before = block.__dict__.get("forward")
+            before = own_forward(block)
             if getattr(before, "_checkpointed", False):
                 raise ValueError(f"{type(block).__name__} already has a checkpointed forward; wrap each block once")
             around = (lambda b=block: around_recompute(b)) if around_recompute is not None else contextlib.nullcontext
@@ -80,11 +82,7 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], *, recompute: bool = True, cl
             wrapped.append((block, before))
         yield
     finally:
-        for block, before in reversed(wrapped):
-            if before is None:
-                del block.forward
-            else:
-                block.forward = before
+        restore_forwards(wrapped)
 
 
 def _saving_input_copies(forward, args: tuple, kwargs: dict) -> Any:

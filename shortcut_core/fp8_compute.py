@@ -40,6 +40,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .forward_patches import own_forward, restore_forwards
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 ALIGNMENT = 16    # torch._scaled_mm needs in and out features divisible by this
@@ -140,7 +142,7 @@ class Fp8NoGradLinears:
                 self._hooks.append(root.register_forward_pre_hook(self._root_called))
                 self._hooks.append(root.register_forward_hook(self._root_returned, always_call=True))
             for name, layer in frozen_linears(self.roots):
-                self._saved.append((layer, layer.__dict__.get("forward")))
+                self._saved.append((layer, own_forward(layer)))
                 layer.__dict__["forward"] = self._forward(layer, layer.forward)
                 self.patched.append(name)
         except BaseException:
@@ -153,11 +155,7 @@ class Fp8NoGradLinears:
 
     def close(self) -> None:
         """Put every layer's forward back, remove the hooks, free the cached weights (idempotent)."""
-        for layer, before in reversed(self._saved):
-            if before is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.__dict__["forward"] = before
+        restore_forwards(self._saved)
         for h in self._hooks:
             h.remove()
         self._saved, self._hooks, self._root_calls = [], [], []

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .activation_checkpointing import _refilled, _tensor_leaves
+from .forward_patches import own_forward, restore_forwards
 
 RECOMPILE_LIMIT = 64  # 3 B + 2 variants a run, counted over the process's runs (_by_class)
 
@@ -61,7 +62,7 @@ def compiled_blocks(blocks: Iterable[nn.Module], *, mode: str | None = None, bac
     with contextlib.nullcontext() if _PER_CALL_LIMIT else _global_recompile_limit(recompile_limit):
         try:
             for block in blocks:
-                before = block.__dict__.get("forward")
+                before = own_forward(block)
                 if getattr(before, "_checkpointed", False):
                     raise ValueError("compile the blocks before checkpointing them "
                                      "(checkpoint_blocks wraps a compiled forward, not the reverse)")
@@ -78,11 +79,7 @@ def compiled_blocks(blocks: Iterable[nn.Module], *, mode: str | None = None, bac
                 patched.append((block, before))
             yield
         finally:
-            for block, before in reversed(patched):
-                if before is None:
-                    del block.forward
-                else:
-                    block.forward = before
+            restore_forwards(patched)
 
 
 def _compile(forward: Callable, mode: str | None, backend: str | Callable, recompile_limit: int) -> Callable:
