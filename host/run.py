@@ -37,10 +37,7 @@ class RunSettings:
                               "preview output either way.", 0, 1_000_000, shown_on=TRAIN, slot=9)
     calibrate: bool = knob(True, "At the end, measure which strength and shift make the LoRA's few-step samples "
                            "closest to the teacher's many-step ones, and write that recipe into the file (Shortcut "
-                           "LoRA Loader outputs it). Before the first step, with the shifts at auto (or the model "
-                           "family's own values), it also finds the shift the model itself samples sample_steps "
-                           "best at and trains around it.",
-                           shown_on=TRAIN, slot=10)
+                           "LoRA Loader outputs it).", shown_on=TRAIN, slot=10)
     export_diffusers: bool = knob(False, "Flux only: also write the LoRA in the authors' diffusers format "
                                   "(<save_name>_diffusers.safetensors).", shown_on=OPTIONS, slot=26)
     # memory modes (README: Will it fit?) come last on the options node, so saved workflows keep their widget order
@@ -49,6 +46,11 @@ class RunSettings:
                                 "before computes (with gradient_checkpointing; else ComfyUI's lowvram copies per "
                                 "layer). Flux at 1024 px on 16 GB; slower per step where the copies outlast the "
                                 "compute.", shown_on=OPTIONS, slot=29)
+    centre_shifts: bool = knob(False, "Before the first step, find the shift the model itself samples sample_steps "
+                               "best at (the calibration's search on the teacher) and train and sample around it, "
+                               "in place of shift_min, shift_max and sample_shift. Better on three of four CPU "
+                               "teachers whose own shift is far from their few-step best (README).",
+                               shown_on=OPTIONS, slot=33)
 
 
 class RunReporter(Protocol):

@@ -23,10 +23,6 @@ from .recipes import lora_recipes, with_recipes
 from .run import NO_RESUME, RunReporter, TrainingOutcome, TrainingRun
 from .widgets import knob_inputs, node_widgets, run_settings, settled_config
 
-# The knobs the trainer's centre_shifts moves: only when every one of them holds the model family's value (left at
-# auto, or typed as the family's, as the Wan and Qwen example workflows show them), never over a user's own shifts
-CENTRED_KNOBS = ("shift_min", "shift_max", "sample_shift")
-
 log = logging.getLogger("shortcut-flow")
 
 
@@ -109,8 +105,7 @@ def settle_run(model, latents: torch.Tensor, positive, negative, values: Mapping
     run = TrainingRun(config=config, cfg=cfg, init_lora=init_lora, resume_state=resume_state,
                       checkpoint_path=state_file, reporter=reporter, on_checkpoint=write_lora,
                       preview_every=settings.preview_every, calibrate=settings.calibrate,
-                      centre_shifts=settings.calibrate and all(getattr(config, k) == recipe.schedule[k]
-                                                               for k in CENTRED_KNOBS),
+                      centre_shifts=settings.centre_shifts,
                       stream_weights=settings.stream_weights, parallel=parallel, summary=recipe.text(cfg))
     return SettledRun(model=model, latents=latents, positive=positive, negative=negative, run=run, lora_file=lora_file,
                       export_diffusers=settings.export_diffusers, writer=writer)

@@ -185,8 +185,8 @@ def test_options_saved_before_the_memory_modes_open_with_them_off(server, browse
     its values where they were and the modes at their defaults."""
     workflow = load(comfy_host.PROJECT_ROOT / "workflows" / "flux_few_shot_train_shortcut.json")
     [options] = [n for n in workflow["nodes"] if n["type"] == "ShortcutTrainingOptions"]
-    saved = options["widgets_values"][:-6]  # and 0.6's recipe, compile_blocks and fp8_targets after them
-    assert len(saved) == 27 and options["widgets_values"][-6:] == ["all", False, False, "paper", False, False]
+    saved = options["widgets_values"][:-7]  # and 0.6's recipe, compile_blocks, fp8_targets, centre_shifts after them
+    assert len(saved) == 27 and options["widgets_values"][-7:] == ["all", False, False, "paper", False, False, False]
     options["widgets_values"] = saved
     page, page_errors, _ = _open_app(browser, server.url)
     try:
@@ -195,6 +195,7 @@ def test_options_saved_before_the_memory_modes_open_with_them_off(server, browse
         inputs = queued[str(options["id"])]["inputs"]
         assert (inputs["lora_layers"], inputs["offload_optimizer"], inputs["stream_weights"]) == ("all", False, False)
         assert (inputs["recipe"], inputs["compile_blocks"], inputs["fp8_targets"]) == ("paper", False, False)
+        assert inputs["centre_shifts"] is False
         assert (inputs["t_max"], inputs["export_diffusers"]) == (saved[-2], saved[-1])
         assert not page_errors
     finally:

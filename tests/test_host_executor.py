@@ -67,7 +67,7 @@ def _prompt() -> dict:
                 weight_decay=1e-4, max_grad_norm=10.0, grad_accum_steps=1, export_diffusers=True,
                 target_modules="", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8, t_max=1.0 - 1e-5,
                 lora_layers="all", offload_optimizer=False, stream_weights=False, recipe="paper",
-                compile_blocks=False, fp8_targets=False),
+                compile_blocks=False, fp8_targets=False, centre_shifts=False),
         "6": n("EmptySD3LatentImage", width=64, height=64, batch_size=1),
         "7": n("ShortcutSampler", model=["5", 0], positive=["2", 0], latent_image=["6", 0], seed=5, steps=3,
                shift=3.25, resolution_shift=False, cfg=1.0, denoise=1.0),

@@ -172,36 +172,30 @@ def test_train_shortcut_resumes_exactly_from_its_training_state(flux, lora_dir):
     assert not (lora_dir / "part_2.safetensors").exists()  # resuming writes on into the resumed file
 
 
-def test_calibrate_first_centres_the_auto_shifts_on_the_models_best_few_step_shift(flux, lora_dir):
-    """With calibrate on and the shifts at auto, the run trains around the shift the model itself samples
-    sample_steps best at (a resume finds the same and continues exactly); shifts typed in are kept."""
+def test_centre_shifts_trains_around_the_models_best_few_step_shift(flux, lora_dir):
+    """With centre_shifts on, the run trains around the shift the model itself samples sample_steps best at (a
+    resume finds the same and continues exactly); off, the default, it keeps the shifts it was given."""
     from shortcut_core import load_lora
     patcher, positive, _ = flux
     latents = {"samples": torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3))}
-    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="centred")
+    train_node(patcher, positive, latents, steps=2, centre_shifts=True, save_name="centred")
     config = load_lora(lora_dir / "centred.safetensors").metadata.config
     # the family's (the paper's Flux draw 2.5-4.5 at 3.25) moved as one, ratios kept
     assert config["sample_shift"] != 3.25
     assert config["shift_min"] == pytest.approx(config["sample_shift"] * 2.5 / 3.25, rel=1e-3)
     assert config["shift_max"] == pytest.approx(config["sample_shift"] * 4.5 / 3.25, rel=1e-3)
 
-    _, straight, loss_straight, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, calibrate=True,
+    _, straight, loss_straight, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, centre_shifts=True,
                                                            save_name="centred_straight")
-    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="centred_part")
-    _, resumed, loss_resumed, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, calibrate=True,
+    train_node(patcher, positive, latents, steps=2, centre_shifts=True, save_name="centred_part")
+    _, resumed, loss_resumed, _, _, _, _, _ = train_node(patcher, positive, latents, steps=4, centre_shifts=True,
                                                          save_name="centred_part", resume_lora="centred_part.safetensors")
     assert loss_resumed["loss"] == loss_straight["loss"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
-    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="typed", shift_min=2.0, shift_max=3.0,
-               sample_shift=2.5)
-    typed = load_lora(lora_dir / "typed.safetensors").metadata.config
-    assert (typed["shift_min"], typed["shift_max"]) == (2.0, 3.0)
-    # the family's own values typed in (as the Wan and Qwen example workflows show them) are the family's
-    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="as_family", shift_min=2.5,
-               shift_max=4.5, sample_shift=3.25, resolution_shift_prob=0.0)
-    as_family = load_lora(lora_dir / "as_family.safetensors").metadata.config
-    assert as_family["sample_shift"] == config["sample_shift"] and as_family["shift_min"] == config["shift_min"]
+    train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="plain")
+    plain = load_lora(lora_dir / "plain.safetensors").metadata.config
+    assert (plain["shift_min"], plain["shift_max"], plain["sample_shift"]) == (2.5, 4.5, 3.25)
 
 
 def test_cancel_stops_the_search_for_the_shift_before_the_first_step(flux, lora_dir):
@@ -215,7 +209,7 @@ def test_cancel_stops_the_search_for_the_shift_before_the_first_step(flux, lora_
     comfy.model_management.interrupt_current_processing(True)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            train_node(patcher, positive, latents, steps=2, calibrate=True, save_name="cancelled")
+            train_node(patcher, positive, latents, steps=2, centre_shifts=True, save_name="cancelled")
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert module_hash(net) == before
