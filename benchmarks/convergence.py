@@ -204,6 +204,11 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
                                                     {"t_skip": 4, "_steps": 5 / 7}),
         "self steps 1-2": (replace(paper, self_steps=(1, 2)), {}),
         "self steps 1-3 and 8": (replace(paper, self_steps=(1, 2, 3, 8)), {}),
+        # capacity: does a larger LoRA (the same alpha / rank) learn the few-step maps better?
+        "rank x4": (paper, {"rank": cfg.rank * 4, "alpha": cfg.alpha * 4}),
+        # a LoRA for the fewest steps: self items teach only the walks the user will sample
+        "self steps 1": (replace(paper, self_steps=(1,)), {}),
+        "self steps 2": (replace(paper, self_steps=(2,)), {}),
         # data-free teachers only: a share of the shortcut items taught the sampler's own 1-3-step jumps straight
         # from the recorded walks (exact targets, no forward; the teacher items on the walks as above)
         "walks 1-3, 50%": (replace(paper, walk_steps=(1, 2, 3), walk_ratio=0.5), {"_trajectories": True}),
@@ -212,6 +217,14 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         # a bound, not a candidate: every item a 1-step jump with its exact target, three times the budget
         "walks 1 only, x3": (replace(paper, walk_steps=(1,), walk_ratio=1.0),
                              {"_trajectories": True, "teacher_ratio": 0.0, "_steps": 3}),
+        # data-free teachers only: a share of the self items taught the straight line from a walk's noise to its
+        # sample (reflow: a field that is straight takes any number of steps to the same sample)
+        "reflow 50%": (replace(paper, reflow_ratio=0.5), {"_trajectories": True}),
+        "reflow 100%": (replace(paper, reflow_ratio=1.0), {"_trajectories": True}),
+        "walks 1-3 50%, reflow 50%": (replace(paper, walk_steps=(1, 2, 3), walk_ratio=0.5, reflow_ratio=0.5),
+                                      {"_trajectories": True}),
+        # a bound, not a candidate: rectified flow's reflow alone (every item on a line), three times the budget
+        "reflow only, x3": (replace(paper, reflow_ratio=1.0), {"_trajectories": True, "teacher_ratio": 0.0, "_steps": 3}),
         # issue #24: the targets' no-grad passes in fp8 (on a CPU the numerics of the GPU path, at no gain)
         "fp8 targets": (paper, {"fp8_targets": True}),
         # the calibration picks shifts below the training draw on every tiny teacher: train where it samples

@@ -30,6 +30,7 @@ class ItemRole(enum.IntEnum):
     TEACHER = 1  # first half of the sub-steps from the teacher
     SELF = 2     # first half of the sub-steps from the fast EMA student
     WALK = 3     # one jump of a sampler schedule on the teacher's recorded walk (trajectories.walk_target)
+    REFLOW = 4   # on the straight line from a recorded walk's noise to its sample: target noise - sample (reflow)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def average_velocity_target(x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Te
                             teacher_walk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """SCFM regression target for every item of the batch (at least float32, shaped like x_t).
 
-    FLOW items get noise - x0 (and WALK items, whose target the caller sets: trajectories.walk_target). A shortcut item at t = t[start] gets
+    FLOW and REFLOW items get noise - x0 (and WALK items, whose target the caller sets: trajectories.walk_target). A shortcut item at t = t[start] gets
         (sum_i dt_i * v_i) / (t[start] - t[start + t_skip])
     over t_skip Euler sub-steps: the first half walked by `teacher` (TEACHER items) or `fast_ema`
     (SELF items), the second half by `slow_ema`. Items of one role share each forward; with

@@ -39,7 +39,8 @@ from .run_time import StepClock
 from .safetensors_io import SafetensorsFileError
 from .sampling import VelocityFn, sample_euler
 from .schedules import packed_token_count, shifted_schedule
-from .trajectories import TeacherTrajectories, place_teacher_items, place_walk_items, recorded_teacher_walk, walk_target
+from .trajectories import (TeacherTrajectories, place_reflow_items, place_teacher_items, place_walk_items,
+                           recorded_teacher_walk, reflow_noise, walk_target)
 from .training_recipe import PAPER, TRAINING_RECIPES, TrainingRecipe, ema_decay_at, learning_rate_at, teacher_ratio_at
 
 
@@ -143,6 +144,11 @@ class ShortcutTrainer:
         if self._walks and trajectories is None:
             raise TrainingDataError("the training recipe teaches sampler walks (walk_steps) from the teacher's recorded "
                                     "walks: pass trajectories (data-free latents sampled by Shortcut Teacher Latents)")
+        self._reflow = recipe.reflow_ratio > 0
+        if self._reflow and trajectories is None:
+            raise TrainingDataError("the training recipe teaches the straight lines from the teacher's noises to its "
+                                    "samples (reflow_ratio): pass trajectories (data-free latents sampled by Shortcut "
+                                    "Teacher Latents)")
         self.extra_args = dict(extra_args or {})
         for key, value in self.extra_args.items():
             if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != n):
@@ -274,6 +280,8 @@ class ShortcutTrainer:
         if self._walks:
             draw = place_walk_items(draw, self.training_recipe.walk_steps, self.training_recipe.walk_ratio,
                                     cfg.substeps, g, cfg.t_max)
+        if self._reflow:
+            draw = place_reflow_items(draw, self.training_recipe.reflow_ratio, g)
         index, draw = index[part], draw.shard(part)
         x0 = self.latents[index].to(self.device)
         noise = noise[part].to(self.device, x0.dtype)
@@ -309,6 +317,9 @@ class ShortcutTrainer:
                 if draw.guidance is not None:
                     extra["guidance"] = draw.guidance.to(self.device)
                 t = draw.t.to(self.device)
+                straight = torch.nonzero(draw.role == ItemRole.REFLOW).flatten()
+                if straight.numel():  # the noise the teacher took to this sample, not a fresh one
+                    noise[straight.to(self.device)] = reflow_noise(self.trajectories, index[straight]).to(self.device, noise.dtype)
                 x_t = interpolate(x0, noise, t)
                 teacher_walk = None
                 if self.trajectories is not None:
@@ -340,7 +351,7 @@ class ShortcutTrainer:
                         raise NonFiniteLossError(self.step_count + 1, loss_value)
                     (loss / cfg.grad_accum_steps).backward()
                 total += loss_value / cfg.grad_accum_steps
-                is_flow = (draw.role == ItemRole.FLOW).to(per_item.device)
+                is_flow = ((draw.role == ItemRole.FLOW) | (draw.role == ItemRole.REFLOW)).to(per_item.device)
                 shortcut_losses.append(per_item.detach()[~is_flow])
                 flow_losses.append(per_item.detach()[is_flow])
         except BaseException:

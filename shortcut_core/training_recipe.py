@@ -42,6 +42,10 @@ class TrainingRecipe:
     # recorded walks (trajectories.place_walk_items: exact targets, no forward); needs the walks
     walk_steps: tuple[int, ...] | None = None
     walk_ratio: float = 0.0
+    # a share of the self items taught the straight line from a recorded walk's noise to its sample (rectified
+    # flow's reflow, Liu et al. 2022: targets noise - sample, no forward), which straightens the field the
+    # fewest steps follow; needs the walks
+    reflow_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
@@ -50,7 +54,8 @@ class TrainingRecipe:
                                        ("lr_scale", self.lr_scale, 1e-6, 1e6), ("fast_ema_power", self.fast_ema_power, 0.0, 1.0),
                                        ("slow_ema_power", self.slow_ema_power, 0.0, 1.0),
                                        ("teacher_ramp", self.teacher_ramp, 0.0, 1.0), ("huber_c", self.huber_c, 0.0, 1e3),
-                                       ("walk_ratio", self.walk_ratio, 0.0, 1.0)):
+                                       ("walk_ratio", self.walk_ratio, 0.0, 1.0),
+                                       ("reflow_ratio", self.reflow_ratio, 0.0, 1.0)):
             if not (isinstance(value, (int, float)) and low <= value <= high):
                 raise ValueError(f"TrainingRecipe.{name} must be a number from {low:g} to {high:g} (got {value!r})")
         if not (isinstance(self.t_skip, int) and self.t_skip >= 2 and self.t_skip % 2 == 0):

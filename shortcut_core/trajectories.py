@@ -128,5 +128,21 @@ def walk_target(trajectories: TeacherTrajectories, index: torch.Tensor, draw: Sh
     return x_t.to(device), ((x_t.to(acc) - x_next.to(acc)) / jump).to(device)
 
 
+def place_reflow_items(draw: ShortcutDraw, ratio: float, generator: torch.Generator) -> ShortcutDraw:
+    """The draw with a share `ratio` of its SELF items made REFLOW items, at their drawn t (reflow_noise gives
+    their noise). Draws for every item, whatever its role."""
+    chosen = torch.rand(len(draw), generator=generator, dtype=torch.float64) < ratio
+    return replace(draw, role=torch.where(chosen & (draw.role == ItemRole.SELF), int(ItemRole.REFLOW), draw.role))
+
+
+def reflow_noise(trajectories: TeacherTrajectories, walks: torch.Tensor) -> torch.Tensor:
+    """The noise each of `walks` maps to its sample: the end at t = 1 of the straight line through the sample and
+    the walk's first state (within rounding that state itself: walks start at T_MAX), at least float32."""
+    first, sample = trajectories.states[walks, 0], trajectories.states[walks, -1]
+    acc = accumulation_dtype(first.dtype)
+    return sample.to(acc) + (first.to(acc) - sample.to(acc)) / float(trajectories.times[0])
+
+
 __all__ = ["TeacherTrajectories", "record_euler_trajectories", "place_teacher_items", "recorded_teacher_walk",
-           "state_at", "place_walk_items", "walk_target"]
+           "state_at", "place_walk_items", "walk_target",
+           "place_reflow_items", "reflow_noise"]

@@ -10,8 +10,9 @@ from shortcut_core import ShortcutConfig, sample_euler, shifted_schedule
 from shortcut_core.objective import ItemRole, average_velocity_target, draw_shortcut_items
 from shortcut_core.trainer import ShortcutTrainer, TrainingDataError
 from shortcut_core.training_recipe import PAPER, TrainingRecipe
-from shortcut_core.trajectories import (TeacherTrajectories, place_teacher_items, place_walk_items,
-                                        record_euler_trajectories, recorded_teacher_walk, state_at, walk_target)
+from shortcut_core.trajectories import (TeacherTrajectories, place_reflow_items, place_teacher_items,
+                                        place_walk_items, record_euler_trajectories, recorded_teacher_walk,
+                                        reflow_noise, state_at, walk_target)
 
 from test_trainer import SHAPE, TinyVelocityNet
 
@@ -195,5 +196,60 @@ def test_walk_items_need_the_walks_and_leave_the_papers_run_alone():
     idle = ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents, CONFIG, trajectories=walks,
                            training_recipe=TrainingRecipe(walk_steps=(1,), walk_ratio=0.0))
     with idle as trainer:
+        trainer.run(progress=False)
+        assert trainer.losses == paper.losses and torch.equal(trainer.generator.get_state(), state)
+
+
+def test_reflow_items_are_self_items_kept_at_their_drawn_times():
+    draw = draw_shortcut_items(64, CONFIG.replace(shift_min=0.5, shift_max=3.0), torch.Generator().manual_seed(1))
+    straight = place_reflow_items(draw, 0.5, torch.Generator().manual_seed(2))
+    reflow = straight.role == ItemRole.REFLOW
+    assert reflow.any() and bool((draw.role[reflow] == ItemRole.SELF).all())
+    assert (straight.role == ItemRole.SELF).any() and torch.equal(straight.role[~reflow], draw.role[~reflow])
+    assert torch.equal(straight.times, draw.times)
+    none = place_reflow_items(draw, 0.0, torch.Generator().manual_seed(2))
+    assert torch.equal(none.role, draw.role)
+
+
+def test_reflow_noise_is_the_noise_the_teacher_walked_from():
+    net = _teacher()
+    walks = _walks(net)
+    torch.testing.assert_close(reflow_noise(walks, torch.tensor([2, 0])), walks.states[[2, 0], 0], rtol=1e-4, atol=1e-4)
+    # a walk recorded from t = 0.8: the line through its sample and first state, carried on to t = 1
+    late = TeacherTrajectories(walks.states, walks.times * 0.8)
+    noise = reflow_noise(late, torch.tensor([1]))
+    on_line = walks.latents[1] + 0.8 * (noise[0] - walks.latents[1])
+    torch.testing.assert_close(on_line, walks.states[1, 0], rtol=1e-4, atol=1e-4)
+
+
+def _reflow_run(net, walks, recipe, steps=60):
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents,
+                         CONFIG.replace(steps=steps, teacher_ratio=0.0, learning_rate=3e-3),
+                         trajectories=walks, training_recipe=recipe) as trainer:
+        trainer.run(progress=False)
+        return {n: float((trainer.sample_as("student", walks.states[:, 0], shifted_schedule(n, 1.0), {}, 1.0)
+                          - walks.latents).pow(2).mean()) for n in (1, 2)}
+
+
+def test_training_on_the_straight_lines_brings_one_and_two_steps_towards_the_teachers_samples():
+    net = _teacher()
+    walks = _walks(net, n=6, steps=8)
+    teacher = {n: float((sample_euler(lambda x, t: net(x, t), walks.states[:, 0], shifted_schedule(n, 1.0),
+                                      disable=True) - walks.latents).pow(2).mean()) for n in (1, 2)}
+    after = _reflow_run(net, walks, TrainingRecipe(reflow_ratio=1.0))
+    assert after[1] < 0.5 * teacher[1] and after[2] < 0.5 * teacher[2]
+
+
+def test_reflow_items_need_the_walks_and_leave_the_papers_run_alone():
+    net = _teacher()
+    walks = _walks(net)
+    with pytest.raises(TrainingDataError, match="reflow_ratio"):
+        ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents, CONFIG,
+                        training_recipe=TrainingRecipe(reflow_ratio=0.5))
+    with pytest.raises(ValueError, match="reflow_ratio"):
+        TrainingRecipe(reflow_ratio=1.5)
+    paper, _, state = _train(walks, walks.latents)
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), walks.latents, CONFIG, trajectories=walks,
+                         training_recipe=TrainingRecipe(reflow_ratio=0.0)) as trainer:
         trainer.run(progress=False)
         assert trainer.losses == paper.losses and torch.equal(trainer.generator.get_state(), state)
