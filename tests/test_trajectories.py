@@ -9,7 +9,7 @@ import torch
 from shortcut_core import ShortcutConfig, sample_euler, shifted_schedule
 from shortcut_core.objective import ItemRole, average_velocity_target, draw_shortcut_items
 from shortcut_core.trainer import ShortcutTrainer, TrainingDataError
-from shortcut_core.training_recipe import PAPER, TrainingRecipe
+from shortcut_core.training_recipe import TrainingRecipe
 from shortcut_core.trajectories import (TeacherTrajectories, place_reflow_items, place_teacher_items,
                                         place_walk_items, record_euler_trajectories, recorded_teacher_walk,
                                         reflow_noise, state_at, walk_target)
