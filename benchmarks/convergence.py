@@ -53,6 +53,8 @@ class Point:
     recipes: dict[int, tuple[float, float]]   # per step count: (strength, shift)
     # with --before: the RMSE per step count at the one recipe 0.4.0's calibration gave for every step count
     before: dict[int, float] = field(default_factory=dict)
+    # the calibration's own 3-step distance on its held-out noises (what a run could keep its best LoRA by)
+    calibrated3: float | None = None
 
 
 # 0.4.0's calibration: at the LoRA's own step count only, strengths 1-1.75 x the LoRA's shift and its neighbours
@@ -97,7 +99,7 @@ def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, second
             was[n] = teacher.rmse(teacher.sample(n, shift, lambda noise, sigmas, args: trainer.sample_as(
                 STUDENT, noise, sigmas, args, strength)))
     return Point(teacher.name, recipe_name, trainer.step_count, seconds, rmse, fd3, teacher.teacher_fd[32], recipes,
-                 was)
+                 was, calibration.best_for(3)[1])
 
 
 def train(teacher: Teacher, recipe_name: str, schedules: TrainingRecipe | None, total: int,
@@ -126,6 +128,37 @@ def train(teacher: Teacher, recipe_name: str, schedules: TrainingRecipe | None, 
     return points
 
 
+def length_free(recipe: TrainingRecipe) -> bool:
+    """Whether nothing of the recipe depends on the run's length (no warm-up, decay, teacher ramp or coarse
+    phase): its run of n steps is then the first n steps of any longer run."""
+    return (recipe.warmup == 0 and recipe.decay == "constant" and recipe.coarse_share >= 1.0
+            and (recipe.teacher_start is None or recipe.teacher_ramp <= 0))
+
+
+def keep_best_table(points: list[Point]) -> str | None:
+    """For each run measured at several lengths: its 3-step RMSE at the end, at the length whose calibration
+    distance (held-out noises, what a run can see) was lowest, and at the best length (an oracle)."""
+    runs: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        if p.calibrated3 is not None:
+            runs.setdefault((p.teacher, p.recipe), []).append(p)
+    rows = []
+    for (t, recipe), run in runs.items():
+        if len(run) < 3:
+            continue
+        run = sorted(run, key=lambda p: p.steps)
+        kept = min(run, key=lambda p: p.calibrated3)
+        best = min(run, key=lambda p: p.rmse[3])
+        end = run[-1]
+        rows.append([t, recipe, " / ".join(str(p.steps) for p in run), f"{end.rmse[3]:.4f}",
+                     f"{kept.rmse[3]:.4f} at {kept.steps} ({kept.rmse[3] / end.rmse[3]:.2f}x)",
+                     f"{best.rmse[3]:.4f} at {best.steps}", f"{end.fd3:.3f} -> {kept.fd3:.3f}"])
+    if not rows:
+        return None
+    return markdown_table(["teacher", "recipe", "measured at steps", "3-step RMSE at the end",
+                           "kept by the calibration's distance", "best (oracle)", "FD 3 steps: end -> kept"], rows)
+
+
 def budget_steps(teacher: Teacher, budgets) -> tuple[int, ...]:
     return tuple(max(1, round(teacher.config.steps * b)) for b in budgets)
 
@@ -142,7 +175,7 @@ def curves(teacher: Teacher, recipes: list[str], budgets, before: bool = False, 
     steps = budget_steps(teacher, budgets)
     for name in recipes:
         base, recipe = CANDIDATES[name]
-        if recipe == TRAINING_RECIPES["paper"]:
+        if length_free(recipe):  # one run, measured on the way, is every shorter run of this recipe
             points += train(teacher, name, recipe, steps[-1], steps, before=before, recipe=base, **run)
         else:
             for n in steps:
@@ -483,6 +516,9 @@ def main(argv: list[str] | None = None) -> list[Point]:
     summary = versus_paper(points)
     if summary:
         text = f"{summary}\n\n{text}"
+    kept = keep_best_table(points)
+    if kept:
+        text = f"{kept}\n\n{text}"
     if args.goal:
         text = f"{goal_table(points, args.goal, args.goal_now)}\n\n{text}"
     print()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.convergence import Point, main, versus_paper
+from dataclasses import replace
+
+from benchmarks.convergence import Point, keep_best_table, length_free, main, versus_paper
+from shortcut_core.training_recipe import FAST, PAPER
 
 
 def _point(teacher: str, recipe: str, rmse3: float, fd3: float, steps: int = 100) -> Point:
@@ -97,3 +100,21 @@ def test_the_goal_table_compares_the_full_paper_run_before_and_after_with_a_leve
 
 def test_paper_points_of_one_seed_alone_have_no_lever_table():
     assert versus_paper([_point("a", "paper", 0.2, 2.0), _point("b", "paper", 0.1, 1.0)]) is None
+
+
+def test_a_run_keeps_the_length_its_calibration_distance_prefers_not_the_best_rmse():
+    """The kept length is chosen by what a run can see (the calibration's distance), and the table shows the
+    3-step RMSE there beside the end's and the oracle's."""
+    run = [replace(_point("a", "fast", rmse, 1.0, steps), calibrated3=seen)
+           for steps, rmse, seen in ((100, 0.30, 0.5), (200, 0.20, 0.3), (300, 0.10, 0.4), (400, 0.25, 0.6))]
+    row = next(line for line in keep_best_table(run).splitlines() if line.startswith("| a "))
+    assert "100 / 200 / 300 / 400" in row and "| 0.2500 " in row
+    assert "0.2000 at 200 (0.80x)" in row and "0.1000 at 300" in row
+    assert keep_best_table([_point("a", "paper", 0.2, 2.0)]) is None  # no calibration distances: no table
+
+
+def test_only_recipes_whose_schedules_ignore_the_runs_length_are_measured_on_the_way():
+    assert length_free(PAPER) and length_free(FAST)
+    assert not length_free(replace(PAPER, decay="cosine")) and not length_free(replace(PAPER, warmup=0.1))
+    assert not length_free(replace(PAPER, coarse_share=0.5))
+    assert not length_free(replace(PAPER, teacher_start=1.0, teacher_ramp=0.5))
