@@ -141,14 +141,13 @@ class ShortcutTrainer:
                                     f"({config.substeps}); record the teacher's walks at a multiple of it")
         self.trajectories = trajectories
         self._walks = recipe.walk_steps is not None and recipe.walk_ratio > 0
-        if self._walks and trajectories is None:
-            raise TrainingDataError("the training recipe teaches sampler walks (walk_steps) from the teacher's recorded "
-                                    "walks: pass trajectories (data-free latents sampled by Shortcut Teacher Latents)")
         self._reflow = recipe.reflow_ratio > 0
-        if self._reflow and trajectories is None:
-            raise TrainingDataError("the training recipe teaches the straight lines from the teacher's noises to its "
-                                    "samples (reflow_ratio): pass trajectories (data-free latents sampled by Shortcut "
-                                    "Teacher Latents)")
+        from_walks = [name for name, on in (("sampler walks (walk_steps)", self._walks),
+                                            ("straight lines from noise to sample (reflow_ratio)", self._reflow)) if on]
+        if from_walks and trajectories is None:
+            raise TrainingDataError(f"the training recipe teaches {' and '.join(from_walks)} from the teacher's "
+                                    "recorded walks: pass trajectories (data-free latents sampled by Shortcut Teacher "
+                                    "Latents)")
         self.extra_args = dict(extra_args or {})
         for key, value in self.extra_args.items():
             if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != n):
