@@ -196,6 +196,9 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         "warm-up 5% + cosine": (replace(paper, warmup=0.05, decay="cosine", final_lr=0.0), {}),
         "lr x2": (replace(paper, lr_scale=2.0), {}),
         "lr x0.5": (replace(paper, lr_scale=0.5), {}),
+        # LoRA+ (Hayou et al. 2024): the up factors at 16x (its suggested ratio) and 4x the down factors' rate
+        "LoRA+ 16": (replace(paper, up_lr_ratio=16.0), {}),
+        "LoRA+ 4": (replace(paper, up_lr_ratio=4.0), {}),
         "lr x2 + cosine": (replace(paper, lr_scale=2.0, decay="cosine", final_lr=0.0), {}),
         "EMA warm-up 2/3": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3), {}),
         "EMA warm-up 1/2": (replace(paper, fast_ema_power=0.5, slow_ema_power=0.5), {}),

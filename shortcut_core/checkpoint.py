@@ -58,7 +58,7 @@ def checkpoint_state(adapters: ShortcutAdapters, optimizer: torch.optim.Optimize
     tensors["rng"] = generator.get_state()
     tensors["losses"] = torch.tensor(list(losses), dtype=torch.float64)
     meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config.to_dict(), "processes": processes,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]],
+            "param_groups": state["param_groups"],  # their "params": the state's indices, per group
             "student": [name for name, _ in adapters.named_parameters(STUDENT)]}
     return tensors, meta
 
@@ -128,7 +128,8 @@ def load_into(path: str, adapters: ShortcutAdapters, optimizer: torch.optim.Opti
         if key.startswith("optimizer/"):
             _, index, field = key.split("/", 2)
             opt_state.setdefault(int(index), {})[field] = value
-    groups = [dict(g, params=list(range(len(names)))) for g in meta["param_groups"]]
+    # checkpoints before up_lr_ratio (one group) did not say which indices a group holds: all of them
+    groups = [dict(g, params=g.get("params", list(range(len(names))))) for g in meta["param_groups"]]
     step, losses = int(meta["step"]), [float(v) for v in tensors["losses"]]
     with torch.no_grad():
         for p, saved in loads:

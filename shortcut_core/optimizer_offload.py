@@ -20,15 +20,18 @@ class OffloadedAdamW:
     state_dict and load_state_dict (the same format as AdamW over the parameters, so checkpoints resume
     with the offload switched either way)."""
 
-    def __init__(self, params: Sequence[torch.Tensor], **adamw: Any):
-        self.params = list(params)
+    def __init__(self, params: Sequence[torch.Tensor] | Sequence[dict], **adamw: Any):
+        # parameter groups as torch's optimizers take them: tensors, or dicts of "params" and group options
+        groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": list(params)}]
+        self.params = [p for g in groups for p in g["params"]]
         pin = any(p.is_cuda for p in self.params) and torch.cuda.is_available()
         def host_copy(p: torch.Tensor) -> torch.Tensor:
             return torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
 
         self.master = [host_copy(p).copy_(p.detach()) for p in self.params]
         self.grads = [host_copy(p) for p in self.params]  # where the gradients land, reused every step
-        self.inner = torch.optim.AdamW(self.master, **adamw)
+        masters = iter(self.master)
+        self.inner = torch.optim.AdamW([{**g, "params": [next(masters) for _ in g["params"]]} for g in groups], **adamw)
 
     @property
     def param_groups(self) -> list[dict]:

@@ -186,7 +186,9 @@ class ShortcutTrainer:
                     self.adapters.load_lora_state(role, teacher_lora, strict=False)
             adamw = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
                          weight_decay=config.weight_decay)
-            student = self.adapters.parameters(STUDENT)
+            student = self.adapters.parameters(STUDENT)  # down, up, down, up, ...
+            if self.training_recipe.up_lr_ratio != 1.0:
+                student = [{"params": student[0::2]}, {"params": student[1::2], "lr_ratio": self.training_recipe.up_lr_ratio}]
             self.optimizer = (OffloadedAdamW(student, **adamw) if config.offload_optimizer
                               else torch.optim.AdamW(student, **adamw))
         except BaseException:
@@ -309,7 +311,8 @@ class ShortcutTrainer:
         shortcut_losses: list[torch.Tensor] = []
         flow_losses: list[torch.Tensor] = []
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate_at(self.step_count, cfg.steps, cfg.learning_rate, self.training_recipe)
+            group["lr"] = (learning_rate_at(self.step_count, cfg.steps, cfg.learning_rate, self.training_recipe)
+                           * group.get("lr_ratio", 1.0))
         try:
             for _ in range(cfg.grad_accum_steps):
                 x0, noise, extra, draw, index = self._micro_batch()

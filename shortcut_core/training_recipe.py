@@ -26,6 +26,9 @@ class TrainingRecipe:
     decay: str = "constant"          # "constant", "cosine" or "linear"
     final_lr: float = 1.0            # the end of the decay, as a share of the learning rate
     lr_scale: float = 1.0            # times the config's learning rate
+    # LoRA+ (Hayou et al. 2024): the up factors (lora_B, zero at the start) learn this many times faster than
+    # the down factors, which at one rate for both is the slow direction of a LoRA's first steps
+    up_lr_ratio: float = 1.0
     # EMA warm-up: decay_k = min(decay, 1 - (1 + k) ** -power), for each EMA; 0: its decay from the first step
     fast_ema_power: float = 0.0
     slow_ema_power: float = 0.0
@@ -51,7 +54,8 @@ class TrainingRecipe:
         if self.decay not in DECAYS:
             raise ValueError(f"TrainingRecipe.decay must be one of {', '.join(DECAYS)} (got {self.decay!r})")
         for name, value, low, high in (("warmup", self.warmup, 0.0, 1.0), ("coarse_share", self.coarse_share, 0.0, 1.0), ("final_lr", self.final_lr, 0.0, 1.0),
-                                       ("lr_scale", self.lr_scale, 1e-6, 1e6), ("fast_ema_power", self.fast_ema_power, 0.0, 1.0),
+                                       ("lr_scale", self.lr_scale, 1e-6, 1e6),
+                                       ("up_lr_ratio", self.up_lr_ratio, 1e-3, 1e3), ("fast_ema_power", self.fast_ema_power, 0.0, 1.0),
                                        ("slow_ema_power", self.slow_ema_power, 0.0, 1.0),
                                        ("teacher_ramp", self.teacher_ramp, 0.0, 1.0), ("huber_c", self.huber_c, 0.0, 1e3),
                                        ("walk_ratio", self.walk_ratio, 0.0, 1.0),

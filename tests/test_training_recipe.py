@@ -151,3 +151,37 @@ def test_self_steps_teach_the_samplers_step_counts():
     trained, _, _ = _run(TrainingRecipe(self_steps=(1, 2, 3)), CONFIG)
     paper_run, _, _ = _run(PAPER, CONFIG)
     assert trained.losses != paper_run.losses and all(math.isfinite(v) for v in trained.losses)
+
+
+def test_lora_plus_moves_the_up_factors_faster_and_resumes_exactly(tmp_path):
+    """LoRA+: the up factors (zero at the start, the only ones with a gradient at step 1) take an AdamW step of
+    up_lr_ratio times the learning rate; the offloaded optimizer does the same, and a checkpoint of the two
+    parameter groups resumes to the straight run bit for bit."""
+    config = CONFIG.replace(steps=1)
+    plain, _, _ = _run(PAPER, config)
+    plus, _, _ = _run(TrainingRecipe(up_lr_ratio=4.0), config)
+    offloaded, _, _ = _run(TrainingRecipe(up_lr_ratio=4.0), config.replace(offload_optimizer=True))
+    for key, weights in plain.lora.items():
+        up, up_plus = weights.up.abs().max().item(), plus.lora[key].up.abs().max().item()
+        assert up == pytest.approx(config.learning_rate, rel=1e-3)      # AdamW's first step: lr per element
+        assert up_plus == pytest.approx(4 * config.learning_rate, rel=1e-3)
+        assert torch.equal(plus.lora[key].down, weights.down)          # no gradient through a zero up factor
+        assert torch.equal(offloaded.lora[key].up, plus.lora[key].up)
+    recipe, steps = TrainingRecipe(up_lr_ratio=4.0), 4
+    config = CONFIG.replace(steps=steps, checkpoint_every=2)
+    straight, _, _ = _run(recipe, config.replace(checkpoint_every=0))
+    latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "plus.train_state")
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config, training_recipe=recipe) as trainer:
+        trainer.step(); trainer.step()
+        trainer.save_checkpoint(path)
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config, training_recipe=recipe) as trainer:
+        trainer.load_checkpoint(path)
+        trainer.step(); trainer.step()
+        resumed = trainer.result()
+    for key, weights in straight.lora.items():
+        assert torch.equal(resumed.lora[key].up, weights.up) and torch.equal(resumed.lora[key].down, weights.down)
