@@ -118,3 +118,23 @@ def test_only_recipes_whose_schedules_ignore_the_runs_length_are_measured_on_the
     assert not length_free(replace(PAPER, decay="cosine")) and not length_free(replace(PAPER, warmup=0.1))
     assert not length_free(replace(PAPER, coarse_share=0.5))
     assert not length_free(replace(PAPER, teacher_start=1.0, teacher_ramp=0.5))
+
+
+def test_the_per_jump_search_finds_each_jumps_strength_and_the_shift_from_the_calibrated_start():
+    from benchmarks.sampling_levers import per_jump_table, sampled_table, search_per_jump
+    want, want_shift = [0.75, 2.5, 1.25], 1.25 * 1.1
+
+    def score(strengths, shift):  # separable, its minimum on the search's grid
+        return sum((s - w) ** 2 for s, w in zip(strengths, want)) + (shift - want_shift) ** 2
+
+    strengths, shift, best = search_per_jump(score, [1.0, 1.0, 1.0], 1.0)
+    assert strengths == want and shift == pytest.approx(want_shift) and best == pytest.approx(0.0)
+    # a start that is already best stays put
+    assert search_per_jump(score, want, want_shift)[:2] == (want, want_shift)
+    row = dict(teacher="t", steps=3, strength=1.0, shift=1.0, rmse=0.2, fd=1.0, strengths=want, per_jump_shift=shift,
+               per_jump_rmse=0.1, per_jump_fd=2.0)
+    assert "0.500 (2.00)" in per_jump_table([row])
+    sampled = [dict(teacher="t", lora=lora, rmse={1: 0.4, 2: 0.3, 3: rmse3, 4: 0.1}, fd3=fd3)
+               for lora, rmse3, fd3 in (("student", 0.2, 1.0), ("fast EMA", 0.1, 3.0))]
+    fast = next(line for line in sampled_table(sampled).splitlines() if "fast EMA" in line)
+    assert "0.500 (3.00)" in fast

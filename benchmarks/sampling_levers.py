@@ -1,0 +1,174 @@
+"""Levers that cost no training: a LoRA strength per Euler jump, and sampling one of the run's EMAs.
+
+    python -m benchmarks.sampling_levers --threads 1 --out docs/convergence-sampling-levers
+
+For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the full budget. Then:
+
+- **A strength per jump.** The calibration gives each step count one (strength, shift); a sampler could set the
+  strength per jump instead (ComfyUI can, through hook keyframes). On the calibration's own 16 held-out noises
+  and against its own 32-step reference, a coordinate search over per-jump strengths (0.25 to 4 in steps of
+  0.25, three sweeps), with the shift refined beside them, starts from the calibrated recipe.
+- **The LoRA sampled.** A run ends with three LoRAs: the student (what Train Shortcut returns) and the fast
+  (0.99) and slow (0.999) EMAs its targets come from. Each is calibrated on its own.
+
+Everything is measured on the benchmark's 1000 evaluation noises: RMSE to the teacher's 128-step samples, and
+FD. Figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from shortcut_core import ShortcutTrainer
+from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT
+from shortcut_core.calibration import rms, squared_errors
+
+from .report import machine_line, markdown_table
+from .teachers import TEACHERS, euler_samples
+
+STEP_COUNTS = (1, 2, 3, 4)
+PER_JUMP_STEP_COUNTS = (2, 3, 4)
+STRENGTHS = tuple(0.25 * k for k in range(1, 17))
+SHIFT_MOVES = (1 / 1.25, 1.25, 1 / 1.1, 1.1)
+SAMPLED = {"student": STUDENT, "fast EMA": EMA_FAST, "slow EMA": EMA_SLOW}
+
+
+def per_jump_sampler(trainer: ShortcutTrainer, strengths: list[float]):
+    """A `sampler(noise, sigmas, args)` for euler_samples: Euler with the student at strengths[i] on jump i."""
+    @torch.no_grad()
+    def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
+        s_in = x.new_ones([x.shape[0]])
+        with trainer.adapters.use(STUDENT):
+            try:
+                for i in range(len(sigmas) - 1):
+                    trainer.adapters.set_strength(STUDENT, strengths[i])
+                    x = x + (sigmas[i + 1] - sigmas[i]) * trainer.velocity(x, sigmas[i] * s_in, **args)
+            finally:
+                trainer.adapters.set_strength(STUDENT, 1.0)
+        return x
+    return run
+
+
+def search_per_jump(score, strengths: list[float], shift: float, sweeps: int = 3) -> tuple[list[float], float, float]:
+    """Coordinate descent from (strengths, shift) on `score(strengths, shift)`; the best found and its score."""
+    best = score(strengths, shift)
+    for _ in range(sweeps):
+        moved = False
+        for j in range(len(strengths)):
+            for s in STRENGTHS:
+                candidate = strengths[:j] + [s] + strengths[j + 1:]
+                value = score(candidate, shift)
+                if value < best - 1e-9:
+                    strengths, best, moved = candidate, value, True
+        for k in SHIFT_MOVES:
+            value = score(strengths, shift * k)
+            if value < best - 1e-9:
+                shift, best, moved = shift * k, value, True
+        if not moved:
+            break
+    return strengths, shift, best
+
+
+def measure(name: str) -> tuple[list[dict], list[dict]]:
+    """(per-jump rows, sampled-LoRA rows) of one teacher."""
+    teacher = TEACHERS[name]()
+    cfg = teacher.config.replace(recipe="paper")
+    per_jump, sampled = [], []
+    with ShortcutTrainer(teacher.module, teacher.velocity, teacher.latents, cfg, extra_args=teacher.extra_args,
+                         blocks=teacher.blocks) as trainer:
+        trainer.run(cfg.steps, progress=False)
+        noise, args = teacher.calibration_noise(cfg.seed)
+        reference = euler_samples(teacher.velocity, noise, args, teacher.config.reference_steps, cfg.sample_shift)
+
+        def score(strengths: list[float], shift: float) -> float:
+            samples = euler_samples(None, noise, args, len(strengths), shift, per_jump_sampler(trainer, strengths))
+            return rms(squared_errors(samples, reference))
+
+        loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
+        calibrations = {}
+        for label, lora in loras.items():
+            trainer.adapters.load_lora_state(STUDENT, lora)
+            calibrations[label] = calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
+                                            step_counts=STEP_COUNTS)
+            row = dict(teacher=name, lora=label, rmse={}, strength={}, shift={})
+            for n in STEP_COUNTS:
+                recipe, _ = calibration.best_for(n)
+                samples = teacher.sample(n, recipe.shift, per_jump_sampler(trainer, [recipe.strength] * n))
+                row["rmse"][n], row["strength"][n], row["shift"][n] = teacher.rmse(samples), recipe.strength, recipe.shift
+                if n == 3:
+                    row["fd3"] = teacher.fd(samples)
+            sampled.append(row)
+            print(f"  {name} {label}: RMSE 1/2/3/4 " + " / ".join(f"{row['rmse'][n]:.4f}" for n in STEP_COUNTS)
+                  + f", FD3 {row['fd3']:.3f}", flush=True)
+        trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the per-jump search samples the student
+        for n in PER_JUMP_STEP_COUNTS:
+            recipe, _ = calibrations["student"].best_for(n)
+            one = [recipe.strength] * n
+            strengths, shift, _ = search_per_jump(score, one, recipe.shift)
+            single = teacher.sample(n, recipe.shift, per_jump_sampler(trainer, one))
+            jumps = teacher.sample(n, shift, per_jump_sampler(trainer, strengths))
+            per_jump.append(dict(teacher=name, steps=n, strength=recipe.strength, shift=recipe.shift,
+                                 rmse=teacher.rmse(single), fd=teacher.fd(single), strengths=strengths,
+                                 per_jump_shift=shift, per_jump_rmse=teacher.rmse(jumps), per_jump_fd=teacher.fd(jumps)))
+            r = per_jump[-1]
+            print(f"  {name} {n} steps: one strength {r['rmse']:.4f} (FD {r['fd']:.3f}), per jump "
+                  f"{r['per_jump_rmse']:.4f} (FD {r['per_jump_fd']:.3f}) at {strengths}", flush=True)
+    return per_jump, sampled
+
+
+def per_jump_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["teacher", "steps", "calibrated (strength, shift)", "RMSE / FD", "per jump (strengths; shift)", "RMSE / FD",
+         "per jump / one, RMSE (FD)"],
+        [[r["teacher"], r["steps"], f"{r['strength']:g}, {r['shift']:.3g}", f"{r['rmse']:.4f} / {r['fd']:.3f}",
+          f"{', '.join(f'{s:g}' for s in r['strengths'])}; {r['per_jump_shift']:.3g}",
+          f"{r['per_jump_rmse']:.4f} / {r['per_jump_fd']:.3f}",
+          f"{r['per_jump_rmse'] / r['rmse']:.3f} ({r['per_jump_fd'] / r['fd']:.2f})"] for r in rows])
+
+
+def sampled_table(rows: list[dict]) -> str:
+    """Each LoRA's calibrated 1-4-step RMSE and 3-step FD, and its 3-step ratios to the student of its run."""
+    student = {r["teacher"]: r for r in rows if r["lora"] == "student"}
+    out = []
+    for r in rows:
+        s = student.get(r["teacher"])
+        ratio = "" if s is None else f"{r['rmse'][3] / s['rmse'][3]:.3f} ({r['fd3'] / s['fd3']:.2f})"
+        out.append([r["teacher"], r["lora"]] + [f"{r['rmse'][n]:.4f}" for n in STEP_COUNTS]
+                   + [f"{r['fd3']:.3f}", ratio])
+    return markdown_table(["teacher", "LoRA sampled", "RMSE 1 step", "2 steps", "3 steps", "4 steps", "FD 3 steps",
+                           "3 steps / student's, RMSE (FD)"], out)
+
+
+def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--load", nargs="*", type=Path, default=(), help="rows (json) of earlier runs to report with these")
+    ap.add_argument("--out", type=Path, default=None, help="write the tables (markdown) and rows (json) here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(machine_line())
+    per_jump, sampled = [], []
+    for path in args.load:
+        earlier = json.loads(path.read_text())
+        per_jump += earlier["per_jump"]
+        sampled += [dict(r, rmse={int(n): v for n, v in r["rmse"].items()}) for r in earlier["sampled"]]
+    for name in args.teachers:
+        rows = measure(name)
+        per_jump += rows[0]
+        sampled += rows[1]
+    text = f"{per_jump_table(per_jump)}\n\n{sampled_table(sampled)}"
+    print(text)
+    if args.out is not None:
+        args.out.with_suffix(".md").write_text(f"{machine_line()}\n\n{text}\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"per_jump": per_jump, "sampled": sampled}, indent=1))
+    return per_jump, sampled
+
+
+if __name__ == "__main__":
+    main()
