@@ -121,7 +121,7 @@ def test_only_recipes_whose_schedules_ignore_the_runs_length_are_measured_on_the
 
 
 def test_the_per_jump_search_finds_each_jumps_strength_and_the_shift_from_the_calibrated_start():
-    from benchmarks.sampling_levers import per_jump_table, sampled_table, search_per_jump
+    from benchmarks.sampling_levers import multistep_table, per_jump_table, sampled_table, search_per_jump
     want, want_shift = [0.75, 2.5, 1.25], 1.25 * 1.1
 
     def score(strengths, shift):  # separable, its minimum on the search's grid
@@ -138,3 +138,30 @@ def test_the_per_jump_search_finds_each_jumps_strength_and_the_shift_from_the_ca
                for lora, rmse3, fd3 in (("student", 0.2, 1.0), ("fast EMA", 0.1, 3.0))]
     fast = next(line for line in sampled_table(sampled).splitlines() if "fast EMA" in line)
     assert "0.500 (3.00)" in fast
+    corrected = dict(teacher="t", steps=2, c=0.3, shift=1.25, rmse=0.2, fd=1.0, multistep_rmse=0.25, multistep_fd=0.5)
+    assert "1.250 (0.50)" in multistep_table([corrected]) and "0.3; 1.25" in multistep_table([corrected])
+
+
+def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
+    import torch
+    from benchmarks.sampling_levers import multistep_sampler, per_jump_sampler
+    from shortcut_core.config import ShortcutConfig
+    from shortcut_core.schedules import shifted_schedule
+    from shortcut_core.trainer import ShortcutTrainer
+    from test_trainer import SHAPE, TinyVelocityNet
+
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+    config = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=2, learning_rate=1e-2, guidance_range=None,
+                            resolution_shift_prob=0.0, gradient_checkpointing=False, checkpoint_every=0, seed=3)
+    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2))
+    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config) as trainer:
+        trainer.run(2, progress=False)
+        three = shifted_schedule(3, 1.0)
+        euler = per_jump_sampler(trainer, [1.25] * 3)(noise, three, {})
+        assert torch.equal(multistep_sampler(trainer, 1.25, 0.0)(noise, three, {}), euler)
+        assert not torch.allclose(multistep_sampler(trainer, 1.25, 0.5)(noise, three, {}), euler)
+        one = shifted_schedule(1, 1.0)  # a single jump has no earlier velocity to correct with
+        assert torch.equal(multistep_sampler(trainer, 1.25, 0.5)(noise, one, {}),
+                           per_jump_sampler(trainer, [1.25])(noise, one, {}))
