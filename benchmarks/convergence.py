@@ -244,11 +244,11 @@ def ablations(teacher: Teacher) -> dict[str, tuple[TrainingRecipe, dict]]:
         "rank x4": (paper, {"rank": cfg.rank * 4, "alpha": cfg.alpha * 4}),
         # a LoRA for the fewest steps: self items teach only the walks the user will sample
         "self steps 1": (replace(paper, self_steps=(1,)), {}),
+        "self steps 2": (replace(paper, self_steps=(2,)), {}),
         # EMAs that follow the student early move a LoRA towards the fewest steps (1-step error lower on every
         # teacher at a third of the budget); with self items on the 1-2-step walks, a LoRA for 1-2 steps
         "EMA warm-up 2/3, self steps 1-2": (replace(paper, fast_ema_power=2 / 3, slow_ema_power=2 / 3,
                                                     self_steps=(1, 2)), {}),
-        "self steps 2": (replace(paper, self_steps=(2,)), {}),
         # data-free teachers only: a share of the shortcut items taught the sampler's own 1-3-step jumps straight
         # from the recorded walks (exact targets, no forward; the teacher items on the walks as above)
         "walks 1-3, 50%": (replace(paper, walk_steps=(1, 2, 3), walk_ratio=0.5), {"_trajectories": True}),

@@ -1,4 +1,4 @@
-"""Levers that cost no training: a LoRA strength per Euler jump, and sampling one of the run's EMAs.
+"""Levers that cost no training: a LoRA strength per Euler jump, a multistep correction, one of the run's EMAs.
 
     python -m benchmarks.sampling_levers --threads 1 --out docs/convergence-sampling-levers
 
@@ -28,7 +28,7 @@ import torch
 
 from shortcut_core import ShortcutTrainer
 from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT
-from shortcut_core.calibration import rms, squared_errors
+from shortcut_core.calibration import sample_distance
 
 from .report import machine_line, markdown_table
 from .teachers import TEACHERS, euler_samples
@@ -37,35 +37,21 @@ STEP_COUNTS = (1, 2, 3, 4)
 PER_JUMP_STEP_COUNTS = (2, 3, 4)
 STRENGTHS = tuple(0.25 * k for k in range(1, 17))
 SHIFT_MOVES = (1 / 1.25, 1.25, 1 / 1.1, 1.1)
+MULTISTEP_C = tuple(round(-0.5 + 0.1 * k, 1) for k in range(16))
 SAMPLED = {"student": STUDENT, "fast EMA": EMA_FAST, "slow EMA": EMA_SLOW}
 
 
-def per_jump_sampler(trainer: ShortcutTrainer, strengths: list[float]):
-    """A `sampler(noise, sigmas, args)` for euler_samples: Euler with the student at strengths[i] on jump i."""
-    @torch.no_grad()
-    def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
-        s_in = x.new_ones([x.shape[0]])
-        with trainer.adapters.use(STUDENT):
-            try:
-                for i in range(len(sigmas) - 1):
-                    trainer.adapters.set_strength(STUDENT, strengths[i])
-                    x = x + (sigmas[i + 1] - sigmas[i]) * trainer.velocity(x, sigmas[i] * s_in, **args)
-            finally:
-                trainer.adapters.set_strength(STUDENT, 1.0)
-        return x
-    return run
-
-
-def multistep_sampler(trainer: ShortcutTrainer, strength: float, c: float):
-    """Euler with the student at `strength`, stepping from the second jump on with v_i + c (v_i - v_i-1)."""
+def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float = 0.0):
+    """A `sampler(noise, sigmas, args)` for euler_samples: Euler with the student at strengths[i] on jump i,
+    stepping from the second jump on with v_i + c (v_i - v_i-1) (c = 0: plain Euler)."""
     @torch.no_grad()
     def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
         s_in = x.new_ones([x.shape[0]])
         before = None
         with trainer.adapters.use(STUDENT):
             try:
-                trainer.adapters.set_strength(STUDENT, strength)
                 for i in range(len(sigmas) - 1):
+                    trainer.adapters.set_strength(STUDENT, strengths[i])
                     v = trainer.velocity(x, sigmas[i] * s_in, **args)
                     step = v if before is None else v + c * (v - before)
                     x, before = x + (sigmas[i + 1] - sigmas[i]) * step, v
@@ -95,9 +81,6 @@ def search_per_jump(score, strengths: list[float], shift: float, sweeps: int = 3
     return strengths, shift, best
 
 
-MULTISTEP_C = tuple(round(-0.5 + 0.1 * k, 1) for k in range(16))
-
-
 def measure(name: str) -> tuple[list[dict], list[dict], list[dict]]:
     """(per-jump rows, sampled-LoRA rows, multistep rows) of one teacher."""
     teacher = TEACHERS[name]()
@@ -109,55 +92,51 @@ def measure(name: str) -> tuple[list[dict], list[dict], list[dict]]:
         noise, args = teacher.calibration_noise(cfg.seed)
         reference = euler_samples(teacher.velocity, noise, args, teacher.config.reference_steps, cfg.sample_shift)
 
-        def score(strengths: list[float], shift: float) -> float:
-            samples = euler_samples(None, noise, args, len(strengths), shift, per_jump_sampler(trainer, strengths))
-            return rms(squared_errors(samples, reference))
+        def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> float:
+            samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c))
+            return sample_distance(samples, reference)
+
+        def on_eval_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> tuple[float, float]:
+            samples = teacher.sample(n, shift, student_sampler(trainer, strengths, c))
+            return teacher.rmse(samples), teacher.fd(samples)
 
         loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
-        calibrations = {}
         for label, lora in loras.items():
             trainer.adapters.load_lora_state(STUDENT, lora)
-            calibrations[label] = calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
+            calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
                                             step_counts=STEP_COUNTS)
-            row = dict(teacher=name, lora=label, rmse={}, strength={}, shift={})
+            if label == "student":
+                calibrated = {n: calibration.best_for(n)[0] for n in STEP_COUNTS}
+            row = dict(teacher=name, lora=label, rmse={}, fd={}, strength={}, shift={})
             for n in STEP_COUNTS:
                 recipe, _ = calibration.best_for(n)
-                samples = teacher.sample(n, recipe.shift, per_jump_sampler(trainer, [recipe.strength] * n))
-                row["rmse"][n], row["strength"][n], row["shift"][n] = teacher.rmse(samples), recipe.strength, recipe.shift
-                if n == 3:
-                    row["fd3"] = teacher.fd(samples)
+                row["rmse"][n], row["fd"][n] = on_eval_noises(n, recipe.shift, [recipe.strength] * n)
+                row["strength"][n], row["shift"][n] = recipe.strength, recipe.shift
+            row["fd3"] = row["fd"][3]
             sampled.append(row)
             print(f"  {name} {label}: RMSE 1/2/3/4 " + " / ".join(f"{row['rmse'][n]:.4f}" for n in STEP_COUNTS)
                   + f", FD3 {row['fd3']:.3f}", flush=True)
-        trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the per-jump search samples the student
+        trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the searches below sample the student
+        student = next(row for row in sampled if row["lora"] == "student")
         for n in PER_JUMP_STEP_COUNTS:
-            recipe, _ = calibrations["student"].best_for(n)
-            one = [recipe.strength] * n
-            strengths, shift, _ = search_per_jump(score, one, recipe.shift)
-            single = teacher.sample(n, recipe.shift, per_jump_sampler(trainer, one))
-            jumps = teacher.sample(n, shift, per_jump_sampler(trainer, strengths))
+            recipe = calibrated[n]
+            strengths, shift, _ = search_per_jump(lambda st, sh: on_calibration_noises(n, sh, st),
+                                                  [recipe.strength] * n, recipe.shift)
+            rmse, fd = on_eval_noises(n, shift, strengths)
             per_jump.append(dict(teacher=name, steps=n, strength=recipe.strength, shift=recipe.shift,
-                                 rmse=teacher.rmse(single), fd=teacher.fd(single), strengths=strengths,
-                                 per_jump_shift=shift, per_jump_rmse=teacher.rmse(jumps), per_jump_fd=teacher.fd(jumps)))
-            r = per_jump[-1]
-            print(f"  {name} {n} steps: one strength {r['rmse']:.4f} (FD {r['fd']:.3f}), per jump "
-                  f"{r['per_jump_rmse']:.4f} (FD {r['per_jump_fd']:.3f}) at {strengths}", flush=True)
+                                 rmse=student["rmse"][n], fd=student["fd"][n], strengths=strengths,
+                                 per_jump_shift=shift, per_jump_rmse=rmse, per_jump_fd=fd))
+            print(f"  {name} {n} steps: one strength {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), per jump "
+                  f"{rmse:.4f} (FD {fd:.3f}) at {strengths}", flush=True)
         for n in PER_JUMP_STEP_COUNTS:
-            recipe, _ = calibrations["student"].best_for(n)
-            scored = []
-            for c in MULTISTEP_C:
-                for k in (1.0, 1 / 1.25, 1.25):
-                    samples = euler_samples(None, noise, args, n, recipe.shift * k,
-                                            multistep_sampler(trainer, recipe.strength, c))
-                    scored.append((rms(squared_errors(samples, reference)), c, recipe.shift * k))
-            _, c, shift = min(scored)
-            euler = teacher.sample(n, recipe.shift, multistep_sampler(trainer, recipe.strength, 0.0))
-            corrected = teacher.sample(n, shift, multistep_sampler(trainer, recipe.strength, c))
-            multistep.append(dict(teacher=name, steps=n, c=c, shift=shift, rmse=teacher.rmse(euler), fd=teacher.fd(euler),
-                                  multistep_rmse=teacher.rmse(corrected), multistep_fd=teacher.fd(corrected)))
-            r = multistep[-1]
-            print(f"  {name} {n} steps: Euler {r['rmse']:.4f} (FD {r['fd']:.3f}), multistep c {c:g} shift {shift:.3g} "
-                  f"{r['multistep_rmse']:.4f} (FD {r['multistep_fd']:.3f})", flush=True)
+            recipe = calibrated[n]
+            _, c, shift = min((on_calibration_noises(n, recipe.shift * k, [recipe.strength] * n, c), c,
+                               recipe.shift * k) for c in MULTISTEP_C for k in (1.0, 1 / 1.25, 1.25))
+            rmse, fd = on_eval_noises(n, shift, [recipe.strength] * n, c)
+            multistep.append(dict(teacher=name, steps=n, c=c, shift=shift, rmse=student["rmse"][n],
+                                  fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
+            print(f"  {name} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), multistep c {c:g} "
+                  f"shift {shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
     return per_jump, sampled, multistep
 
 

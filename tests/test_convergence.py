@@ -144,7 +144,7 @@ def test_the_per_jump_search_finds_each_jumps_strength_and_the_shift_from_the_ca
 
 def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
     import torch
-    from benchmarks.sampling_levers import multistep_sampler, per_jump_sampler
+    from benchmarks.sampling_levers import student_sampler
     from shortcut_core.config import ShortcutConfig
     from shortcut_core.schedules import shifted_schedule
     from shortcut_core.trainer import ShortcutTrainer
@@ -159,9 +159,9 @@ def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
     with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config) as trainer:
         trainer.run(2, progress=False)
         three = shifted_schedule(3, 1.0)
-        euler = per_jump_sampler(trainer, [1.25] * 3)(noise, three, {})
-        assert torch.equal(multistep_sampler(trainer, 1.25, 0.0)(noise, three, {}), euler)
-        assert not torch.allclose(multistep_sampler(trainer, 1.25, 0.5)(noise, three, {}), euler)
+        euler = student_sampler(trainer, [1.25] * 3)(noise, three, {})
+        assert torch.equal(student_sampler(trainer, [1.25] * 3, 0.0)(noise, three, {}), euler)
+        assert not torch.allclose(student_sampler(trainer, [1.25] * 3, 0.5)(noise, three, {}), euler)
         one = shifted_schedule(1, 1.0)  # a single jump has no earlier velocity to correct with
-        assert torch.equal(multistep_sampler(trainer, 1.25, 0.5)(noise, one, {}),
-                           per_jump_sampler(trainer, [1.25])(noise, one, {}))
+        assert torch.equal(student_sampler(trainer, [1.25], 0.5)(noise, one, {}),
+                           student_sampler(trainer, [1.25])(noise, one, {}))
