@@ -1,6 +1,8 @@
-"""Levers that cost no training: a LoRA strength per Euler jump, a multistep correction, one of the run's EMAs.
+"""Levers that cost no training: a LoRA strength per Euler jump, a multistep correction, one of the run's EMAs,
+the time the model is told.
 
     python -m benchmarks.sampling_levers --threads 1 --out docs/convergence-sampling-levers
+    python -m benchmarks.sampling_levers --levers time-shift --seeds 0 1 2 --threads 1 --out docs/convergence-time-shift
 
 For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the full budget. Then:
 
@@ -13,6 +15,12 @@ For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the 
   per step count on the calibration's noises, at the calibrated strength.
 - **The LoRA sampled.** A run ends with three LoRAs: the student (what Train Shortcut returns) and the fast
   (0.99) and slow (0.999) EMAs its targets come from. Each is calibrated on its own.
+- **The time the model is told** (the time-shift sampler of Li et al. 2024, "Alleviating exposure bias in
+  diffusion models through sampling with shifted time steps"): a state reached by a long jump is not the
+  state the model was trained on at that time, so each jump from t_i to t_i+1 queries the model at
+  t_i - a (t_i - t_i+1) (a = 0 is Euler; capped at the schedule's first time). a (-0.5 to 0.5) and the shift
+  beside it are searched per step count on the calibration's noises at the calibrated strength, and chosen as
+  the calibration chooses: of those the 16 noises cannot tell from the closest, the nearest Euler.
 
 Everything is measured on the benchmark's 1000 evaluation noises: RMSE to the teacher's 128-step samples, and
 FD. Figures only.
@@ -22,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from shortcut_core import ShortcutTrainer
 from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT
-from shortcut_core.calibration import sample_distance
+from shortcut_core.calibration import indistinguishable_from_best, rms, squared_errors
 
 from .report import machine_line, markdown_table
 from .teachers import TEACHERS, euler_samples
@@ -39,11 +49,14 @@ STRENGTHS = tuple(0.25 * k for k in range(1, 17))
 SHIFT_MOVES = (1 / 1.25, 1.25, 1 / 1.1, 1.1)
 MULTISTEP_C = tuple(round(-0.5 + 0.1 * k, 1) for k in range(16))
 SAMPLED = {"student": STUDENT, "fast EMA": EMA_FAST, "slow EMA": EMA_SLOW}
+TIME_SHIFTS = tuple(round(-0.5 + 0.1 * k, 1) for k in range(11))
+LEVERS = ("per-jump", "multistep", "sampled", "time-shift")
 
 
-def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float = 0.0):
+def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float = 0.0, time_shift: float = 0.0):
     """A `sampler(noise, sigmas, args)` for euler_samples: Euler with the student at strengths[i] on jump i,
-    stepping from the second jump on with v_i + c (v_i - v_i-1) (c = 0: plain Euler)."""
+    stepping from the second jump on with v_i + c (v_i - v_i-1) (c = 0: plain Euler), the model told the time
+    t_i - time_shift (t_i - t_i+1), at most t_0, on the jump from t_i to t_i+1 (0: the jump's own start)."""
     @torch.no_grad()
     def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
         s_in = x.new_ones([x.shape[0]])
@@ -52,7 +65,8 @@ def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float =
             try:
                 for i in range(len(sigmas) - 1):
                     trainer.adapters.set_strength(STUDENT, strengths[i])
-                    v = trainer.velocity(x, sigmas[i] * s_in, **args)
+                    told = min(sigmas[i] - time_shift * (sigmas[i] - sigmas[i + 1]), sigmas[0])
+                    v = trainer.velocity(x, told * s_in, **args)
                     step = v if before is None else v + c * (v - before)
                     x, before = x + (sigmas[i + 1] - sigmas[i]) * step, v
             finally:
@@ -81,63 +95,94 @@ def search_per_jump(score, strengths: list[float], shift: float, sweeps: int = 3
     return strengths, shift, best
 
 
-def measure(name: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """(per-jump rows, sampled-LoRA rows, multistep rows) of one teacher."""
+def search_time_shift(errors_of, shift: float) -> tuple[float, float]:
+    """(a, shift): of TIME_SHIFTS x the calibrated shift and its neighbours, scored by `errors_of(a, shift)` (squared
+    errors over the calibration's noises), the nearest Euler at the calibrated shift among those the noises cannot
+    tell from the closest, as the calibration chooses its recipes."""
+    rows = [((a, shift * k), errors_of(a, shift * k)) for a in TIME_SHIFTS for k in (1.0, 1 / 1.25, 1.25)]
+    return min(indistinguishable_from_best(rows),
+               key=lambda pick: abs(pick[0]) / 0.1 + abs(math.log(pick[1] / shift)) / math.log(1.25))
+
+
+def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
+            user_shifts: bool = False) -> dict[str, list[dict]]:
+    """Rows of each lever in `levers`, of one teacher's full paper run (at `seed`, or the teacher's own; with
+    `user_shifts`, at the shifts a user gets, centred as Train Shortcut's centre_shifts does)."""
     teacher = TEACHERS[name]()
-    cfg = teacher.config.replace(recipe="paper")
-    per_jump, sampled, multistep = [], [], []
+    if user_shifts:
+        teacher.config = teacher.config.replace(**teacher.user_schedule)
+    cfg = teacher.config.replace(recipe="paper", **({} if seed is None else {"seed": seed}))
+    rows: dict[str, list[dict]] = {lever: [] for lever in levers}
     with ShortcutTrainer(teacher.module, teacher.velocity, teacher.latents, cfg, extra_args=teacher.extra_args,
                          blocks=teacher.blocks) as trainer:
-        trainer.run(cfg.steps, progress=False)
         noise, args = teacher.calibration_noise(cfg.seed)
+        if user_shifts:
+            trainer.centre_shifts(noise, args, reference_steps=teacher.config.reference_steps)
+        trainer.run(cfg.steps, progress=False)
         reference = euler_samples(teacher.velocity, noise, args, teacher.config.reference_steps, cfg.sample_shift)
 
-        def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> float:
-            samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c))
-            return sample_distance(samples, reference)
+        def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0,
+                                  time_shift: float = 0.0) -> torch.Tensor:
+            samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c, time_shift))
+            return squared_errors(samples, reference)
 
-        def on_eval_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> tuple[float, float]:
-            samples = teacher.sample(n, shift, student_sampler(trainer, strengths, c))
+        def on_eval_noises(n: int, shift: float, strengths: list[float], c: float = 0.0,
+                           time_shift: float = 0.0) -> tuple[float, float]:
+            samples = teacher.sample(n, shift, student_sampler(trainer, strengths, c, time_shift))
             return teacher.rmse(samples), teacher.fd(samples)
 
-        loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
-        for label, lora in loras.items():
-            trainer.adapters.load_lora_state(STUDENT, lora)
+        def calibrated_rows(label: str) -> dict:
             calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
                                             step_counts=STEP_COUNTS)
-            if label == "student":
-                calibrated = {n: calibration.best_for(n)[0] for n in STEP_COUNTS}
-            row = dict(teacher=name, lora=label, rmse={}, fd={}, strength={}, shift={})
+            row = dict(teacher=name, seed=cfg.seed, lora=label, rmse={}, fd={}, strength={}, shift={})
             for n in STEP_COUNTS:
                 recipe, _ = calibration.best_for(n)
                 row["rmse"][n], row["fd"][n] = on_eval_noises(n, recipe.shift, [recipe.strength] * n)
                 row["strength"][n], row["shift"][n] = recipe.strength, recipe.shift
             row["fd3"] = row["fd"][3]
-            sampled.append(row)
-            print(f"  {name} {label}: RMSE 1/2/3/4 " + " / ".join(f"{row['rmse'][n]:.4f}" for n in STEP_COUNTS)
-                  + f", FD3 {row['fd3']:.3f}", flush=True)
-        trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the searches below sample the student
-        student = next(row for row in sampled if row["lora"] == "student")
-        for n in PER_JUMP_STEP_COUNTS:
-            recipe = calibrated[n]
-            strengths, shift, _ = search_per_jump(lambda st, sh: on_calibration_noises(n, sh, st),
-                                                  [recipe.strength] * n, recipe.shift)
-            rmse, fd = on_eval_noises(n, shift, strengths)
-            per_jump.append(dict(teacher=name, steps=n, strength=recipe.strength, shift=recipe.shift,
-                                 rmse=student["rmse"][n], fd=student["fd"][n], strengths=strengths,
-                                 per_jump_shift=shift, per_jump_rmse=rmse, per_jump_fd=fd))
+            print(f"  {name} seed {cfg.seed} {label}: RMSE 1/2/3/4 "
+                  + " / ".join(f"{row['rmse'][n]:.4f}" for n in STEP_COUNTS) + f", FD3 {row['fd3']:.3f}", flush=True)
+            return row
+
+        loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
+        student = calibrated_rows("student")
+        if "sampled" in levers:
+            rows["sampled"].append(student)
+            for label in ("fast EMA", "slow EMA"):
+                trainer.adapters.load_lora_state(STUDENT, loras[label])
+                rows["sampled"].append(calibrated_rows(label))
+            trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the searches below sample the student
+        euler = dict(teacher=name, seed=cfg.seed)
+        for n in PER_JUMP_STEP_COUNTS if "per-jump" in levers else ():
+            strength, shift = student["strength"][n], student["shift"][n]
+            strengths, best_shift, _ = search_per_jump(lambda st, sh: rms(on_calibration_noises(n, sh, st)),
+                                                       [strength] * n, shift)
+            rmse, fd = on_eval_noises(n, best_shift, strengths)
+            rows["per-jump"].append(dict(euler, steps=n, strength=strength, shift=shift, rmse=student["rmse"][n],
+                                         fd=student["fd"][n], strengths=strengths, per_jump_shift=best_shift,
+                                         per_jump_rmse=rmse, per_jump_fd=fd))
             print(f"  {name} {n} steps: one strength {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), per jump "
                   f"{rmse:.4f} (FD {fd:.3f}) at {strengths}", flush=True)
-        for n in PER_JUMP_STEP_COUNTS:
-            recipe = calibrated[n]
-            _, c, shift = min((on_calibration_noises(n, recipe.shift * k, [recipe.strength] * n, c), c,
-                               recipe.shift * k) for c in MULTISTEP_C for k in (1.0, 1 / 1.25, 1.25))
-            rmse, fd = on_eval_noises(n, shift, [recipe.strength] * n, c)
-            multistep.append(dict(teacher=name, steps=n, c=c, shift=shift, rmse=student["rmse"][n],
-                                  fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
+        for n in PER_JUMP_STEP_COUNTS if "multistep" in levers else ():
+            strength, shift = student["strength"][n], student["shift"][n]
+            _, c, best_shift = min((rms(on_calibration_noises(n, shift * k, [strength] * n, c)), c, shift * k)
+                                   for c in MULTISTEP_C for k in (1.0, 1 / 1.25, 1.25))
+            rmse, fd = on_eval_noises(n, best_shift, [strength] * n, c)
+            rows["multistep"].append(dict(euler, steps=n, c=c, shift=best_shift, rmse=student["rmse"][n],
+                                          fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
             print(f"  {name} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), multistep c {c:g} "
-                  f"shift {shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
-    return per_jump, sampled, multistep
+                  f"shift {best_shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
+        for n in STEP_COUNTS if "time-shift" in levers else ():
+            strength = student["strength"][n]
+            a, shift = search_time_shift(lambda a, sh: on_calibration_noises(n, sh, [strength] * n, time_shift=a),
+                                         student["shift"][n])
+            rmse, fd = ((student["rmse"][n], student["fd"][n]) if (a, shift) == (0.0, student["shift"][n])
+                        else on_eval_noises(n, shift, [strength] * n, time_shift=a))
+            rows["time-shift"].append(dict(euler, steps=n, a=a, shift=shift, rmse=student["rmse"][n],
+                                           fd=student["fd"][n], shifted_rmse=rmse, shifted_fd=fd))
+            print(f"  {name} seed {cfg.seed} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), "
+                  f"time shift {a:g} at shift {shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
+    return rows
 
 
 def per_jump_table(rows: list[dict]) -> str:
@@ -158,12 +203,42 @@ def multistep_table(rows: list[dict]) -> str:
           f"{r['multistep_rmse'] / r['rmse']:.3f} ({r['multistep_fd'] / r['fd']:.2f})"] for r in rows])
 
 
+def time_shift_table(rows: list[dict]) -> str:
+    return markdown_table(
+        ["teacher", "seed", "steps", "Euler RMSE / FD", "a; shift", "time-shifted RMSE / FD",
+         "time-shifted / Euler, RMSE (FD)"],
+        [[r["teacher"], r["seed"], r["steps"], f"{r['rmse']:.4f} / {r['fd']:.3f}", f"{r['a']:g}; {r['shift']:.3g}",
+          f"{r['shifted_rmse']:.4f} / {r['shifted_fd']:.3f}",
+          f"{r['shifted_rmse'] / r['rmse']:.3f} ({r['shifted_fd'] / r['fd']:.2f})"] for r in rows])
+
+
+def time_shift_summary(rows: list[dict]) -> str:
+    """Per teacher and step count: the mean over seeds of the time-shifted / Euler ratios, RMSE / FD, and the
+    time shifts chosen."""
+    teachers = list(dict.fromkeys(r["teacher"] for r in rows))
+    steps = sorted({r["steps"] for r in rows})
+    out = []
+    for n in steps:
+        cells = []
+        for name in teachers:
+            mine = [r for r in rows if r["teacher"] == name and r["steps"] == n]
+            if not mine:
+                cells.append("")
+                continue
+            rmse = sum(r["shifted_rmse"] / r["rmse"] for r in mine) / len(mine)
+            fd = sum(r["shifted_fd"] / r["fd"] for r in mine) / len(mine)
+            chosen = ", ".join(f"{r['a']:g}" for r in mine)
+            cells.append(f"{rmse:.2f} / {fd:.2f} (a {chosen})")
+        out.append([n] + cells)
+    return markdown_table(["steps"] + teachers, out)
+
+
 def sampled_table(rows: list[dict]) -> str:
     """Each LoRA's calibrated 1-4-step RMSE and 3-step FD, and its 3-step ratios to the student of its run."""
-    student = {r["teacher"]: r for r in rows if r["lora"] == "student"}
+    student = {(r["teacher"], r.get("seed")): r for r in rows if r["lora"] == "student"}
     out = []
     for r in rows:
-        s = student.get(r["teacher"])
+        s = student.get((r["teacher"], r.get("seed")))
         ratio = "" if s is None else f"{r['rmse'][3] / s['rmse'][3]:.3f} ({r['fd3'] / s['fd3']:.2f})"
         out.append([r["teacher"], r["lora"]] + [f"{r['rmse'][n]:.4f}" for n in STEP_COUNTS]
                    + [f"{r['fd3']:.3f}", ratio])
@@ -171,9 +246,14 @@ def sampled_table(rows: list[dict]) -> str:
                            "3 steps / student's, RMSE (FD)"], out)
 
 
-def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS))
+    ap.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=None, help="train each teacher at these seeds "
+                    "(default: its own)")
+    ap.add_argument("--user-shifts", action="store_true", help="train at the shifts a user gets by default, centred "
+                    "on the teacher's best 3-step shift (Train Shortcut's centre_shifts)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--load", nargs="*", type=Path, default=(), help="rows (json) of earlier runs to report with these")
     ap.add_argument("--out", type=Path, default=None, help="write the tables (markdown) and rows (json) here")
@@ -181,26 +261,25 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict], list[di
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line())
-    per_jump, sampled, multistep = [], [], []
+    rows: dict[str, list[dict]] = {lever: [] for lever in LEVERS}
     for path in args.load:
         earlier = json.loads(path.read_text())
-        per_jump += earlier["per_jump"]
-        sampled += [dict(r, rmse={int(n): v for n, v in r["rmse"].items()}) for r in earlier["sampled"]]
-        multistep += earlier.get("multistep", [])
+        for lever in LEVERS:
+            rows[lever] += earlier.get(lever.replace("-", "_"), [])
+    rows["sampled"] = [dict(r, rmse={int(n): v for n, v in r["rmse"].items()}) for r in rows["sampled"]]
     for name in args.teachers:
-        rows = measure(name)
-        per_jump += rows[0]
-        sampled += rows[1]
-        multistep += rows[2]
-    text = f"{per_jump_table(per_jump)}\n\n{sampled_table(sampled)}"
-    if multistep:
-        text += f"\n\n{multistep_table(multistep)}"
+        for seed in args.seeds or [None]:
+            for lever, found in measure(name, args.levers, seed, args.user_shifts).items():
+                rows[lever] += found
+    tables = {"per-jump": per_jump_table, "sampled": sampled_table, "multistep": multistep_table,
+              "time-shift": lambda found: f"{time_shift_summary(found)}\n\n{time_shift_table(found)}"}
+    text = "\n\n".join(tables[lever](rows[lever]) for lever in LEVERS if rows[lever])
     print(text)
     if args.out is not None:
         args.out.with_suffix(".md").write_text(f"{machine_line()}\n\n{text}\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"per_jump": per_jump, "sampled": sampled,
-                                                             "multistep": multistep}, indent=1))
-    return per_jump, sampled, multistep
+        args.out.with_suffix(".json").write_text(json.dumps({lever.replace("-", "_"): found
+                                                             for lever, found in rows.items()}, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

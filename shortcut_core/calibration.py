@@ -58,21 +58,28 @@ def sample_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
     return rms(squared_errors(samples, reference))
 
 
-def choose(rows: Sequence[tuple[Recipe, torch.Tensor]], own: Recipe) -> Recipe:
-    """Of recipes measured on the same noises (their squared_errors), the one nearest `own` among those the
-    measurement cannot tell from the closest (a paired mean difference within TIE_SE standard errors)."""
-    best, best_errors = min(rows, key=lambda row: float(row[1].mean()))
+def indistinguishable_from_best(rows: Sequence[tuple[Any, torch.Tensor]]) -> list[Any]:
+    """Of candidates measured on the same noises (their squared_errors), those the measurement cannot tell from
+    the closest: a paired mean difference to it within TIE_SE standard errors (the closest among them)."""
+    best_errors = min((errors for _, errors in rows), key=lambda errors: float(errors.mean()))
 
     def tied(errors: torch.Tensor) -> bool:
         difference = errors - best_errors
         spread = float(difference.std()) / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
         return float(difference.mean()) <= TIE_SE * spread
 
+    return [candidate for candidate, errors in rows if tied(errors)]
+
+
+def choose(rows: Sequence[tuple[Recipe, torch.Tensor]], own: Recipe) -> Recipe:
+    """Of recipes measured on the same noises (their squared_errors), the one nearest `own` among those the
+    measurement cannot tell from the closest (indistinguishable_from_best)."""
     def away(recipe: Recipe) -> float:
         return (abs(math.log(recipe.shift / own.shift)) / math.log(SHIFT_RATIO)
                 + abs(recipe.strength - own.strength) / STRENGTH_STEP)
 
-    return min(((away(recipe), float(errors.mean())), recipe) for recipe, errors in rows if tied(errors))[1]
+    distance = {recipe: float(errors.mean()) for recipe, errors in rows}
+    return min(indistinguishable_from_best(rows), key=lambda recipe: (away(recipe), distance[recipe]))
 
 
 def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift: float,

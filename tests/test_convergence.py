@@ -165,3 +165,50 @@ def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
         one = shifted_schedule(1, 1.0)  # a single jump has no earlier velocity to correct with
         assert torch.equal(student_sampler(trainer, [1.25], 0.5)(noise, one, {}),
                            student_sampler(trainer, [1.25])(noise, one, {}))
+
+
+def test_the_time_shift_is_euler_at_0_never_tells_a_time_past_the_first_and_moves_the_later_jumps():
+    import torch
+    from benchmarks.sampling_levers import student_sampler
+    from shortcut_core.config import ShortcutConfig
+    from shortcut_core.schedules import shifted_schedule
+    from shortcut_core.trainer import ShortcutTrainer
+    from test_trainer import SHAPE, TinyVelocityNet
+
+    torch.manual_seed(0)
+    net = TinyVelocityNet()
+    latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
+    config = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=2, learning_rate=1e-2, guidance_range=None,
+                            resolution_shift_prob=0.0, gradient_checkpointing=False, checkpoint_every=0, seed=3)
+    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2))
+    told = []
+    with ShortcutTrainer(net, lambda x, t, **_: told.append(float(t[0])) or net(x, t), latents, config) as trainer:
+        trainer.run(2, progress=False)
+        three = shifted_schedule(3, 1.0)
+        told.clear()
+        euler = student_sampler(trainer, [1.0] * 3)(noise, three, {})
+        assert told == pytest.approx(three[:-1].tolist())
+        assert torch.equal(student_sampler(trainer, [1.0] * 3, time_shift=0.0)(noise, three, {}), euler)
+        told.clear()
+        later = student_sampler(trainer, [1.0] * 3, time_shift=-0.5)(noise, three, {})
+        t = three.tolist()  # a negative shift tells a noisier time, capped at the first jump's
+        assert told == pytest.approx([t[0], t[1] + 0.5 * (t[1] - t[2]), t[2] + 0.5 * t[2]])
+        assert not torch.allclose(later, euler)
+        told.clear()
+        one = shifted_schedule(1, 1.0)
+        student_sampler(trainer, [1.0], time_shift=0.3)(noise, one, {})
+        assert told == pytest.approx([0.7 * float(one[0])])
+
+
+def test_the_time_shift_search_keeps_euler_unless_the_noises_tell_a_shift_apart():
+    import torch
+    from benchmarks.sampling_levers import search_time_shift
+
+    def errors_of(gain):
+        def errors(a, shift):  # the same errors up to a spread the 16 noises cannot resolve, less `gain` at one
+            wobble = 0.01 * torch.tensor([(-1.0) ** i for i in range(16)]) * (1 + abs(a) + shift)
+            return torch.linspace(1.0, 1.1, 16) + wobble - gain * (a == -0.3 and shift == pytest.approx(1.25))
+        return errors
+
+    assert search_time_shift(errors_of(0.5), 1.0) == (-0.3, pytest.approx(1.25))
+    assert search_time_shift(errors_of(0.0), 1.0) == (0.0, 1.0)
