@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from contextlib import contextmanager
 from dataclasses import replace
 
 from benchmarks.convergence import Point, keep_best_table, length_free, main, versus_paper
@@ -142,11 +143,11 @@ def test_the_per_jump_search_finds_each_jumps_strength_and_the_shift_from_the_ca
     assert "1.250 (0.50)" in multistep_table([corrected]) and "0.3; 1.25" in multistep_table([corrected])
 
 
-def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
+@contextmanager
+def _two_steps_trained(told: list | None = None):
+    """A tiny trainer after two steps (its velocity records the times it is told into `told`) and 4 noises."""
     import torch
-    from benchmarks.sampling_levers import student_sampler
     from shortcut_core.config import ShortcutConfig
-    from shortcut_core.schedules import shifted_schedule
     from shortcut_core.trainer import ShortcutTrainer
     from test_trainer import SHAPE, TinyVelocityNet
 
@@ -156,8 +157,22 @@ def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
     config = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=2, learning_rate=1e-2, guidance_range=None,
                             resolution_shift_prob=0.0, gradient_checkpointing=False, checkpoint_every=0, seed=3)
     noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2))
-    with ShortcutTrainer(net, lambda x, t, **_: net(x, t), latents, config) as trainer:
+
+    def velocity(x, t, **_):
+        if told is not None:
+            told.append(float(t[0]))
+        return net(x, t)
+
+    with ShortcutTrainer(net, velocity, latents, config) as trainer:
         trainer.run(2, progress=False)
+        yield trainer, noise
+
+
+def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
+    import torch
+    from benchmarks.sampling_levers import student_sampler
+    from shortcut_core.schedules import shifted_schedule
+    with _two_steps_trained() as (trainer, noise):
         three = shifted_schedule(3, 1.0)
         euler = student_sampler(trainer, [1.25] * 3)(noise, three, {})
         assert torch.equal(student_sampler(trainer, [1.25] * 3, 0.0)(noise, three, {}), euler)
@@ -170,20 +185,9 @@ def test_the_multistep_correction_is_euler_at_c_0_and_moves_only_later_jumps():
 def test_the_time_shift_is_euler_at_0_never_tells_a_time_past_the_first_and_moves_the_later_jumps():
     import torch
     from benchmarks.sampling_levers import student_sampler
-    from shortcut_core.config import ShortcutConfig
     from shortcut_core.schedules import shifted_schedule
-    from shortcut_core.trainer import ShortcutTrainer
-    from test_trainer import SHAPE, TinyVelocityNet
-
-    torch.manual_seed(0)
-    net = TinyVelocityNet()
-    latents = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))
-    config = ShortcutConfig(rank=4, alpha=4.0, batch_size=4, steps=2, learning_rate=1e-2, guidance_range=None,
-                            resolution_shift_prob=0.0, gradient_checkpointing=False, checkpoint_every=0, seed=3)
-    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(2))
     told = []
-    with ShortcutTrainer(net, lambda x, t, **_: told.append(float(t[0])) or net(x, t), latents, config) as trainer:
-        trainer.run(2, progress=False)
+    with _two_steps_trained(told) as (trainer, noise):
         three = shifted_schedule(3, 1.0)
         told.clear()
         euler = student_sampler(trainer, [1.0] * 3)(noise, three, {})
