@@ -144,21 +144,21 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
                   + " / ".join(f"{row['rmse'][n]:.4f}" for n in STEP_COUNTS) + f", FD3 {row['fd3']:.3f}", flush=True)
             return row
 
-        loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
         student = calibrated_rows("student")
         if "sampled" in levers:
+            loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
             rows["sampled"].append(student)
             for label in ("fast EMA", "slow EMA"):
                 trainer.adapters.load_lora_state(STUDENT, loras[label])
                 rows["sampled"].append(calibrated_rows(label))
             trainer.adapters.load_lora_state(STUDENT, loras["student"])  # the searches below sample the student
-        euler = dict(teacher=name, seed=cfg.seed)
+        run = dict(teacher=name, seed=cfg.seed)
         for n in PER_JUMP_STEP_COUNTS if "per-jump" in levers else ():
             strength, shift = student["strength"][n], student["shift"][n]
             strengths, best_shift, _ = search_per_jump(lambda st, sh: rms(on_calibration_noises(n, sh, st)),
                                                        [strength] * n, shift)
             rmse, fd = on_eval_noises(n, best_shift, strengths)
-            rows["per-jump"].append(dict(euler, steps=n, strength=strength, shift=shift, rmse=student["rmse"][n],
+            rows["per-jump"].append(dict(run, steps=n, strength=strength, shift=shift, rmse=student["rmse"][n],
                                          fd=student["fd"][n], strengths=strengths, per_jump_shift=best_shift,
                                          per_jump_rmse=rmse, per_jump_fd=fd))
             print(f"  {name} {n} steps: one strength {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), per jump "
@@ -168,7 +168,7 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             _, c, best_shift = min((rms(on_calibration_noises(n, shift * k, [strength] * n, c)), c, shift * k)
                                    for c in MULTISTEP_C for k in (1.0, 1 / 1.25, 1.25))
             rmse, fd = on_eval_noises(n, best_shift, [strength] * n, c)
-            rows["multistep"].append(dict(euler, steps=n, c=c, shift=best_shift, rmse=student["rmse"][n],
+            rows["multistep"].append(dict(run, steps=n, c=c, shift=best_shift, rmse=student["rmse"][n],
                                           fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
             print(f"  {name} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), multistep c {c:g} "
                   f"shift {best_shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
@@ -178,7 +178,7 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
                                          student["shift"][n])
             rmse, fd = ((student["rmse"][n], student["fd"][n]) if (a, shift) == (0.0, student["shift"][n])
                         else on_eval_noises(n, shift, [strength] * n, time_shift=a))
-            rows["time-shift"].append(dict(euler, steps=n, a=a, shift=shift, rmse=student["rmse"][n],
+            rows["time-shift"].append(dict(run, steps=n, a=a, shift=shift, rmse=student["rmse"][n],
                                            fd=student["fd"][n], shifted_rmse=rmse, shifted_fd=fd))
             print(f"  {name} seed {cfg.seed} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), "
                   f"time shift {a:g} at shift {shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
