@@ -16,10 +16,21 @@ chasing such differences picks a recipe by the noises drawn. So the recipe chose
 the measurement cannot tell from the closest (paired over the same noises: a mean difference within one
 standard error, the classic one-standard-error rule), the one nearest the LoRA's own (shift and strength in
 steps of the search's lines).
+
+Last, at each step count's chosen recipe (two steps and more), the time the model is told on each jump
+(sampling.told_times: Li et al.'s time-shift sampler) is searched: told noisier than the state's time by 0 to
+0.4 of the jump, refined around the best, and where it moves, the shift beside it (a time told noisier wants a
+lower shift: the two move together). Only the noisier side: after a long jump the state is smoother than the
+teacher's at that time, and the error falls smoothly towards a best; a cleaner time tells the model a state it
+never saw (the first jump's pure noise as a part-clean state), and there the error jumps about with the time
+(docs/convergence.md). It costs no training and no forward at sampling time, and helps some LoRAs and not
+others (the flux-like teacher's 2-3 steps), so it is chosen by the same rule: of the settings the noises cannot
+tell from the closest, the one nearest Euler's times at the chosen shift. A LoRA it does not help keeps Euler.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -33,14 +44,19 @@ STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)   # the strength line
 STRENGTH_STEP = 0.5                     # an edge that stays the best is extended by this ...
 STRENGTH_RANGE = (0.25, 4.0)            # ... within this range
 WIDENINGS = 4                           # at most this many points beyond each edge of a line
+TIME_SHIFTS = (-0.4, -0.2, 0.0)  # the time-shift line (sampling.told_times; told noisier) at the chosen recipe ...
+TIME_SHIFT_STEP = 0.1            # ... then the best's neighbours at this distance (never cleaner than Euler's)
 TIE_SE = 1.0                            # mean paired differences within this many standard errors are ties (the "one standard error" rule)
 
 
 @dataclass(frozen=True)
 class Recipe:
+    """How a LoRA is sampled: Euler `steps` on the schedule at `shift`, the LoRA at `strength`, the model told the
+    times sampling.told_times gives for `time_shift` (0: Euler's own)."""
     steps: int
     strength: float
     shift: float
+    time_shift: float = 0.0
 
 
 def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -132,6 +148,44 @@ def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift:
     return list(measured.items())
 
 
+def search_time_shifts(measure: Callable[[Recipe], torch.Tensor], recipe: Recipe) -> list[tuple[Recipe, torch.Tensor]]:
+    """`recipe` (two steps or more) at each time shift of the line, then the best's neighbours; where the best is
+    not Euler's, the half-way shifts beside it (x/ 1.5^0.5) and the time shift's neighbours again at the better
+    shift; each measured once (`measure(recipe)`: its squared_errors)."""
+    if recipe.steps < 2:
+        raise ValueError("one jump has no later time to tell the model: it starts at the schedule's first")
+    measured: dict[Recipe, torch.Tensor] = {}
+
+    def at(a: float, shift: float = recipe.shift) -> float:
+        candidate = dataclasses.replace(recipe, shift=round(float(shift), 6), time_shift=round(float(a), 6))
+        if candidate not in measured:
+            measured[candidate] = measure(candidate)
+        return rms(measured[candidate])
+
+    def around(a: float, shift: float) -> float:
+        """The best time shift of a and its neighbours at `shift`."""
+        return min((x for x in (a - TIME_SHIFT_STEP, a, a + TIME_SHIFT_STEP) if x <= 0), key=lambda x: at(x, shift))
+
+    best = round(around(min(TIME_SHIFTS, key=at), recipe.shift), 6)
+    if best != 0:
+        half = math.sqrt(SHIFT_RATIO)
+        shift = min((recipe.shift / half, recipe.shift, recipe.shift * half), key=lambda s: at(best, s))
+        around(best, shift)
+    return list(measured.items())
+
+
+def choose_time_shift(rows: Sequence[tuple[Recipe, torch.Tensor]], chosen: Recipe) -> Recipe:
+    """Of `chosen` at other time shifts and shifts (their squared_errors on the same noises), the one nearest
+    `chosen` (Euler's times, its shift: in steps of the searches' lines) among those the measurement cannot tell
+    from the closest (indistinguishable_from_best)."""
+    def away(recipe: Recipe) -> float:
+        return (abs(recipe.time_shift - chosen.time_shift) / TIME_SHIFT_STEP
+                + abs(math.log(recipe.shift / chosen.shift)) / math.log(math.sqrt(SHIFT_RATIO)))
+
+    distance = {recipe: float(errors.mean()) for recipe, errors in rows}
+    return min(indistinguishable_from_best(rows), key=lambda recipe: (away(recipe), distance[recipe]))
+
+
 @dataclass
 class Calibration:
     """Measured distance (rms) of every recipe tried; `best_for(n)` is the recipe chosen at n steps (`chosen`;
@@ -166,16 +220,23 @@ class Calibration:
         return {n: self.best_for(n)[0] for n in self.step_counts}
 
     def to_dict(self) -> dict[str, Any]:
+        # time-shifted rows in a table of their own: readers that predate them keep reading "table"
         return {"metric": "rms distance to the teacher's samples", "reference_steps": self.reference_steps,
                 "samples": self.samples,
-                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table],
-                "recipes": {str(n): {"strength": r.strength, "shift": r.shift} for n, r in self.recipes().items()}}
+                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table if r.time_shift == 0],
+                "time_shift_table": [[r.steps, r.strength, r.shift, r.time_shift, d]
+                                     for r, d in self.table if r.time_shift != 0],
+                "recipes": {str(n): {"strength": r.strength, "shift": r.shift, "time_shift": r.time_shift}
+                            for n, r in self.recipes().items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        """Also a file written before per-step recipes (its table holds the steps it measured)."""
+        """Also a file written before per-step recipes (its table holds the steps it measured) or before time
+        shifts (Euler's times)."""
         table = [(Recipe(int(n), float(s), float(h)), float(d)) for n, s, h, d in data["table"]]
-        chosen = {int(n): Recipe(int(n), float(r["strength"]), float(r["shift"]))
+        table += [(Recipe(int(n), float(s), float(h), float(a)), float(d))
+                  for n, s, h, a, d in data.get("time_shift_table", [])]
+        chosen = {int(n): Recipe(int(n), float(r["strength"]), float(r["shift"]), float(r.get("time_shift", 0.0)))
                   for n, r in data.get("recipes", {}).items()}
         return cls(table=table, reference_steps=int(data["reference_steps"]), samples=int(data["samples"]),
                    chosen=chosen or None)
@@ -186,25 +247,41 @@ class Calibration:
         base, base_distance = self.baseline
         shifts = [r.shift for r, _ in self.table]
         strengths = [r.strength for r, _ in self.table]
-        lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}",
+        lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}"
+                 + (f", time shift {best.time_shift:+g}" if best.time_shift else ""),
                  f"rms {best_distance:.4f} (strength 1, shift {base.shift:.3g}: {base_distance:.4f})",
                  "best per step count, rms to the teacher's",
                  f"{self.reference_steps}-step samples, {self.samples} held-out noises:"]
         for n in self.step_counts:
             recipe, distance = self.best_for(n)
             lines.append(f"{n:>2} step{'s' if n > 1 else ' '} strength {recipe.strength:<4g} shift "
-                         f"{recipe.shift:<6.3g} rms {distance:.4f}")
+                         f"{recipe.shift:<6.3g} rms {distance:.4f}"
+                         + (f" time shift {recipe.time_shift:+g}" if recipe.time_shift else ""))
+        time_shifts = [r.time_shift for r, _ in self.table]
         lines.append(f"{len(self.table)} recipes: shift {min(shifts):.3g}-{max(shifts):.3g}, "
-                     f"strength {min(strengths):g}-{max(strengths):g}")
+                     f"strength {min(strengths):g}-{max(strengths):g}" + ("," if any(time_shifts) else ""))
+        if any(time_shifts):
+            lines.append(f"time shift {min(time_shifts):g} to {max(time_shifts):g} (0: Euler's times)")
         return "\n".join(lines)
 
 
 def calibrate_recipe(sample: Callable[[Recipe], torch.Tensor], reference: torch.Tensor, steps: int, shift: float,
-                     reference_steps: int, step_counts: Sequence[int] = STEP_COUNTS) -> Calibration:
+                     reference_steps: int, step_counts: Sequence[int] = STEP_COUNTS,
+                     time_shifts: bool = True) -> Calibration:
     """Search the recipes (search_recipes) by `sample(recipe)`'s distance to `reference`, and choose one per step
-    count (choose: the nearest the LoRA's own of those the noises cannot tell from the closest)."""
-    measured = search_recipes(lambda recipe: squared_errors(sample(recipe), reference), steps, shift, step_counts)
+    count (choose: the nearest the LoRA's own of those the noises cannot tell from the closest); then, with
+    `time_shifts`, its time shift (search_time_shifts, choose_time_shift: the nearest Euler's likewise)."""
+    def errors_of(recipe: Recipe) -> torch.Tensor:
+        return squared_errors(sample(recipe), reference)
+
+    measured = search_recipes(errors_of, steps, shift, step_counts)
     chosen = {n: choose([(r, e) for r, e in measured if r.steps == n], Recipe(n, 1.0, shift))
               for n in sorted({r.steps for r, _ in measured})}
+    if time_shifts:
+        known = dict(measured)
+        for n, recipe in [(n, r) for n, r in chosen.items() if n > 1]:
+            rows = search_time_shifts(lambda r: known[r] if r in known else errors_of(r), recipe)
+            measured += [(r, e) for r, e in rows if r not in known]
+            chosen[n] = choose_time_shift(rows, recipe)
     return Calibration(table=[(r, rms(e)) for r, e in measured], reference_steps=reference_steps,
                        samples=int(reference.shape[0]), chosen=chosen)

@@ -9,7 +9,9 @@ import torch
 
 from shortcut_core import LoraMetadata, ShortcutConfig, ShortcutTrainer, sample_euler, shifted_schedule
 from shortcut_core.adapters import STUDENT, TEACHER
-from shortcut_core.calibration import Calibration, Recipe, choose, sample_distance, search_recipes
+from shortcut_core.calibration import (Calibration, Recipe, calibrate_recipe, choose, choose_time_shift,
+                                       sample_distance, search_recipes, search_time_shifts)
+from shortcut_core.sampling import told_times
 
 from test_trainer import SHAPE, TinyVelocityNet
 
@@ -75,7 +77,7 @@ def test_the_best_recipe_is_the_closest_at_the_loras_own_step_count_and_each_ste
     assert calibration.baseline == (Recipe(3, 1.0, 3.0), pytest.approx(0.5))
     assert calibration.recipes() == {1: Recipe(1, 2.0, 2.0), 3: Recipe(3, 1.5, 4.5), 6: Recipe(6, 1.0, 3.0)}
     data = calibration.to_dict()
-    assert data["recipes"]["1"] == {"strength": 2.0, "shift": 2.0}
+    assert data["recipes"]["1"] == {"strength": 2.0, "shift": 2.0, "time_shift": 0.0}
     assert Calibration.from_dict(data).table == calibration.table
     text = calibration.text()
     assert text.startswith("calibrated: 3 steps, strength 1.5, shift 4.5\nrms 0.1000 (strength 1, shift 3: 0.5000)")
@@ -90,6 +92,85 @@ def test_a_file_calibrated_before_per_step_recipes_still_loads():
     assert calibration.best == (Recipe(3, 1.25, 2.1667), 0.15)
     assert calibration.recipes() == {3: Recipe(3, 1.25, 2.1667), 6: Recipe(6, 1.0, 3.25)}
     assert calibration.text().startswith("calibrated: 3 steps, strength 1.25, shift 2.17")
+
+
+def test_the_times_told_are_eulers_at_0_and_move_within_each_jump_never_past_the_first():
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    assert torch.equal(told_times(sigmas), sigmas[:-1])
+    assert told_times(sigmas, -0.5).tolist() == pytest.approx([1.0, 0.8, 0.3])   # noisier, capped at the first
+    assert told_times(sigmas, 0.25).tolist() == pytest.approx([0.9, 0.5, 0.15])  # cleaner
+    assert told_times(torch.tensor([0.8, 0.0]), 0.3).tolist() == pytest.approx([0.56])
+
+
+def test_sampling_at_a_time_shift_tells_the_model_those_times_and_at_0_is_euler_bit_for_bit():
+    told = []
+
+    def velocity(x, t):
+        told.append(float(t[0]))
+        return x * t.reshape(-1, 1) + 1
+
+    x, sigmas = torch.randn(2, 3), torch.tensor([1.0, 0.5, 0.0])
+    euler = sample_euler(velocity, x, sigmas)
+    assert torch.equal(sample_euler(velocity, x, sigmas, time_shift=0.0), euler)
+    told.clear()
+    shifted = sample_euler(velocity, x, sigmas, time_shift=-0.2)
+    assert told == pytest.approx([1.0, 0.6]) and not torch.allclose(shifted, euler)
+
+
+def _errors(best_time_shift: float, gain: float, best_shift: float = 2.0):
+    """Squared errors over 16 noises with a spread they cannot resolve, less up to `gain` around one time shift
+    and shift."""
+    def measure(recipe):
+        wobble = 0.01 * torch.tensor([(-1.0) ** i for i in range(16)]) * (1 + abs(recipe.time_shift))
+        closer = gain * (1 - 4 * abs(recipe.time_shift - best_time_shift) - abs(math.log(recipe.shift / best_shift)))
+        return torch.linspace(1.0, 1.1, 16) + wobble - max(closer, 0.0)
+    return measure
+
+
+def test_the_time_shift_search_refines_around_its_best_moves_the_shift_beside_it_and_tells_only_noisier_times():
+    half = 1.5 ** 0.5
+    recipe = Recipe(3, 1.5, 2.0)
+    rows = search_time_shifts(_errors(-0.28, 0.5, best_shift=2.0 / half), recipe)
+    measured = {}
+    for r, _ in rows:
+        assert (r.steps, r.strength) == (3, 1.5)
+        measured.setdefault(r.shift, []).append(r.time_shift)
+    assert sorted(measured[2.0]) == [-0.4, -0.3, -0.2, -0.1, 0.0]     # the line, then around its best
+    assert sorted(measured[round(2.0 / half, 6)]) == [-0.4, -0.3, -0.2]  # the better shift, around it
+    assert measured[round(2.0 * half, 6)] == [-0.3]
+    assert choose_time_shift(rows, recipe) == Recipe(3, 1.5, round(2.0 / half, 6), -0.3)
+    cleaner = search_time_shifts(_errors(0.3, 0.5), recipe)  # never told a cleaner time than the state's
+    assert max(r.time_shift for r, _ in cleaner) == 0.0 and choose_time_shift(cleaner, recipe) == recipe
+    with pytest.raises(ValueError, match="one jump"):
+        search_time_shifts(_errors(0.3, 0.5), Recipe(1, 2.0, 2.0))
+
+
+def test_a_time_shift_the_noises_cannot_tell_from_eulers_gives_way_to_euler():
+    recipe = Recipe(3, 1.0, 2.0)
+    for gain in (0.0, 0.0005):
+        assert choose_time_shift(search_time_shifts(_errors(-0.3, gain), recipe), recipe) == recipe
+
+
+def test_calibrate_chooses_the_time_shift_at_each_step_counts_recipe_and_the_file_keeps_it():
+    measure, _ = _bowl({n: 1.0 for n in (1, 2, 3, 4)}, {n: 1.5 for n in (1, 2, 3, 4)})
+    reference = torch.zeros(4, 1)
+
+    def sample(recipe):  # the bowl's distance, a tenth of it less at time shift -0.2 on 2 steps
+        gain = 0.9 if (recipe.steps, recipe.time_shift) == (2, -0.2) else 1.0
+        return (measure(recipe) * gain).sqrt()[:, None]
+
+    calibration = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32)
+    assert calibration.recipes() == {1: Recipe(1, 1.5, 1.0), 2: Recipe(2, 1.5, 1.0, -0.2), 3: Recipe(3, 1.5, 1.0),
+                                     4: Recipe(4, 1.5, 1.0)}
+    plain = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32, time_shifts=False)
+    assert plain.recipes()[2] == Recipe(2, 1.5, 1.0) and not any(r.time_shift for r, _ in plain.table)
+    data = calibration.to_dict()
+    assert all(len(row) == 4 for row in data["table"]) and data["time_shift_table"]  # older readers read "table"
+    assert data["recipes"]["2"] == {"strength": 1.5, "shift": 1.0, "time_shift": -0.2}
+    again = Calibration.from_dict(data)
+    assert again.recipes() == calibration.recipes() and sorted(again.table, key=str) == sorted(calibration.table, key=str)
+    assert " 2 steps strength 1.5  shift 1      rms" in again.text() and "time shift -0.2" in again.text()
+    assert max(len(line) for line in again.text().splitlines()) <= 64
 
 
 def test_the_distance_is_the_root_mean_square_difference():
@@ -153,10 +234,17 @@ def test_calibrate_searches_every_step_count_and_the_metadata_recommends_its_bes
     assert calibration.reference_steps == 8 and calibration.samples == 4
     assert calibration.table[0][0] == Recipe(2, 1.0, 1.0) and calibration.step_counts == [1, 2, 3, 4]
     best, distance = calibration.best
-    assert distance == min(d for r, d in calibration.table if r.steps == 2)
+    # the closest at its time shift (a time shift the 4 noises cannot tell apart from Euler's gives way to it)
+    assert distance == min(d for r, d in calibration.table if r.steps == 2 and r.time_shift == best.time_shift)
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
-    assert metadata.calibration["recipes"]["1"] == {"strength": calibration.best_for(1)[0].strength,
-                                                    "shift": calibration.best_for(1)[0].shift}
+    one = calibration.best_for(1)[0]
+    assert metadata.calibration["recipes"]["1"] == {"strength": one.strength, "shift": one.shift,
+                                                    "time_shift": one.time_shift}
+    assert {r.time_shift for r, _ in calibration.table if r.steps == 1} == {0.0}  # one jump: nothing to tell
+    for n in (2, 3, 4):  # each chosen recipe's time shifts were measured beside it
+        chosen = calibration.best_for(n)[0]
+        assert {r.time_shift for r, _ in calibration.table
+                if (r.steps, r.strength) == (n, chosen.strength)} >= {-0.4, -0.2, 0.0}
     again = LoraMetadata.from_strings(metadata.to_strings())
     assert Calibration.from_dict(again.calibration).table == calibration.table
 
