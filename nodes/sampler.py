@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..shortcut_core.schedules import packed_token_count
 from ..host.checks import require_single_model, upstream_files
 from ..host.families import token_count
-from ..host.recipes import carried_shift
+from ..host.recipes import carried_recipe
 from ..host.sampling import sample_shortcut, shortcut_sigmas
 from .inputs import checked_inputs
 
@@ -17,8 +17,9 @@ _SHIFT = ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step":
 # Shortcut Sampler's: 0 takes the recipe of the MODEL's shortcut LoRA for the steps set.
 _AUTO_SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
                          "tooltip": "Warps the schedule towards the noise end: t = s*u / (1 + (s-1)*u). 0 (auto): the "
-                                    "shift the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
-                                    "Loader or Train Shortcut put it on the model), else the shift the model samples "
+                                    "recipe the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
+                                    "Loader or Train Shortcut put it on the model): its shift, and on a full "
+                                    "denoise the time shift its calibration chose; else the shift the model samples "
                                     "at. Lower is sharper with more artifacts, higher keeps structure but is softer."})
 _RESOLUTION_SHIFT = ("BOOLEAN", {"default": False,
                                  "tooltip": "Use Flux's resolution-dependent shift e^mu (mu from the latent's token "
@@ -66,11 +67,15 @@ class ShortcutSampler:
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
                unique_id=None, prompt=None):
         require_single_model(model, upstream_files(prompt, unique_id))
+        time_shift = 0.0
         if shift == 0.0:
-            shift = carried_shift(model, steps)
+            shift, time_shift = carried_recipe(model, steps)
+        if resolution_shift or denoise < 1.0:
+            time_shift = 0.0  # measured on the whole walk at the recipe's shift, not on another schedule's jumps
         sigmas = shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                  tokens=token_count(model, tuple(latent_image["samples"].shape[1:])))
-        return (sample_shortcut(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg),)
+        return (sample_shortcut(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg,
+                                time_shift=time_shift),)
 
 
 class ShortcutScheduler:

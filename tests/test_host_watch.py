@@ -73,7 +73,8 @@ def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flu
     best, distance = calibration.best
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
     assert (recipe_steps, recipe_shift) == (best.steps, best.shift)  # the node's outputs, for Shortcut Sampler
-    assert distance == min(d for r, d in calibration.table if r.steps == 3)
+    # the closest at its time shift (a time shift the 4 noises cannot tell from Euler's gives way to Euler)
+    assert distance == min(d for r, d in calibration.table if r.steps == 3 and r.time_shift == best.time_shift)
     assert calibration.samples == 4 and calibration.reference_steps == 32 and calibration.step_counts == [1, 2, 3, 4]
     assert calibration.baseline[0] == Recipe(3, 1.0, 2.0)  # searched around the sample_shift set
     assert metadata.calibration["recipes"].keys() == {"1", "2", "3", "4"}
@@ -93,6 +94,7 @@ def test_the_loader_and_the_sampler_take_the_recipe_for_the_steps_set(flux, lora
     steps input, the MODEL carries them, and Shortcut Sampler's shift 0 (auto) takes the one for its steps."""
     from shortcut_core import load_lora
     from shortcut_core.calibration import Calibration
+    sampling = __import__("test_host_nodes").comfy_host.pack_module("host.sampling")
     patcher, positive = flux
     train_node(patcher, positive, latents(), steps=2, calibrate=True, save_name="per_step", sample_shift=2.0)
     calibration = Calibration.from_dict(load_lora(lora_dir / "per_step.safetensors").metadata.calibration)
@@ -107,7 +109,8 @@ def test_the_loader_and_the_sampler_take_the_recipe_for_the_steps_set(flux, lora
         empty = {"samples": torch.zeros(1, 16, 8, 8)}
         sampler = node("ShortcutSampler")
         auto = sampler.sample(model, positive, empty, 3, steps, 0.0, False, 1.0, 1.0)[0]["samples"]
-        as_set = sampler.sample(model, positive, empty, 3, steps, best.shift, False, 1.0, 1.0)[0]["samples"]
+        as_set = sampling.sample_shortcut(model, positive, None, empty, seed=3, time_shift=best.time_shift,
+                                          sigmas=sampling.shortcut_sigmas(steps, best.shift))["samples"]
         other = sampler.sample(model, positive, empty, 3, steps, best.shift * 2, False, 1.0, 1.0)[0]["samples"]
         assert torch.equal(auto, as_set) and (steps == 1 or not torch.equal(auto, other))  # 1 step: no shift
     # steps 0: the LoRA's own recipe, as before per-step recipes
@@ -125,4 +128,82 @@ def test_a_file_without_per_step_recipes_gives_its_own_for_any_steps_and_says_so
     assert "No recipe was measured at 1 steps: the nearest step count's shift and strength." in out["ui"]["text"][0]
     # a model with no shortcut LoRA: the sampler's auto shift is the one the model samples at (Flux: 3.25)
     recipes = __import__("test_host_nodes").comfy_host.pack_module("host.recipes")
-    assert recipes.carried_shift(patcher, 3) == 3.25
+    assert recipes.carried_recipe(patcher, 3) == (3.25, 0.0)
+
+
+def _rewritten(lora_dir, source: str, name: str, edit) -> str:
+    """A copy of a LoRA file in lora_dir with its calibration edited (edit(calibration dict) changes it in place)."""
+    import dataclasses
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from shortcut_core import LoraMetadata
+    with safe_open(str(lora_dir / source), "pt") as f:
+        strings = f.metadata()
+    metadata = LoraMetadata.from_strings(strings)
+    edit(metadata.calibration)
+    save_file(load_file(str(lora_dir / source)), str(lora_dir / name),
+              metadata={**strings, **dataclasses.replace(metadata).to_strings()})
+    return name
+
+
+def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on_the_whole_walk(flux, lora_dir):
+    """A recipe with a time shift (the calibration's choice): Shortcut Sampler at shift 0 (auto) tells the diffusion
+    model the times sampling.told_times gives, a typed shift, a partial denoise or the resolution shift sample at
+    Euler's times, and a file calibrated before time shifts samples at Euler's times too."""
+    sampling = __import__("test_host_nodes").comfy_host.pack_module("host.sampling")
+    patcher, positive = flux
+    train_node(patcher, positive, latents(), steps=1, calibrate=True, save_name="timed", sample_shift=2.0)
+
+    def told_at(edit_two_steps):
+        def edit(calibration):
+            two = calibration["recipes"]["2"]
+            edit_two_steps(calibration, two)
+        return edit
+
+    def noisier(calibration, two):  # as if the calibration had chosen -0.3 at 2 steps
+        calibration["time_shift_table"].append([2, two["strength"], two["shift"], -0.3, 0.01])
+        two["time_shift"] = -0.3
+
+    def before_time_shifts(calibration, two):  # as a 0.5 file: no time shifts at all
+        calibration.pop("time_shift_table")
+        for recipe in calibration["recipes"].values():
+            recipe.pop("time_shift")
+
+    loader, sampler = node("ShortcutLoRALoader"), node("ShortcutSampler")
+    told_file = _rewritten(lora_dir, "timed.safetensors", "told.safetensors", told_at(noisier))
+    old_file = _rewritten(lora_dir, "timed.safetensors", "old.safetensors", told_at(before_time_shifts))
+    out = loader.load(patcher, told_file, 0.0, 2)
+    model, steps, shift, strength = out["result"]
+    assert "tells the model the times of time shift -0.3" in out["ui"]["text"][0]
+
+    told = []
+
+    def record(apply_model, args):
+        told.append(float(args["timestep"].flatten()[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    watched = model.clone()
+    watched.set_model_unet_function_wrapper(record)
+    timestep = model.get_model_object("model_sampling").timestep
+    empty = {"samples": torch.zeros(1, 16, 8, 8)}
+    t = sampling.shortcut_sigmas(2, shift).tolist()
+
+    def run(*widgets):
+        told.clear()
+        return sampler.sample(watched, positive, empty, 3, 2, *widgets)[0]["samples"]
+
+    auto = run(0.0, False, 1.0, 1.0)
+    assert told == pytest.approx([float(timestep(torch.tensor(t[0]))),
+                                  float(timestep(torch.tensor(t[1] + 0.3 * t[1])))])
+    typed = run(shift, False, 1.0, 1.0)
+    assert told == pytest.approx([float(timestep(torch.tensor(x))) for x in t[:2]]) and not torch.equal(auto, typed)
+    run(0.0, False, 1.0, 0.5)
+    assert told == pytest.approx([float(timestep(x)) for x in sampling.shortcut_sigmas(2, shift, denoise=0.5)[:2]])
+    run(0.0, True, 1.0, 1.0)
+    euler = sampling.shortcut_sigmas(2, shift, use_resolution_shift=True, tokens=16)
+    assert told == pytest.approx([float(timestep(x)) for x in euler[:2]])
+
+    old, _, old_shift, _ = loader.load(patcher, old_file, 0.0, 2)["result"]
+    assert old_shift == shift
+    assert torch.equal(sampler.sample(old, positive, empty, 3, 2, 0.0, False, 1.0, 1.0)[0]["samples"],
+                       sampler.sample(old, positive, empty, 3, 2, shift, False, 1.0, 1.0)[0]["samples"])
