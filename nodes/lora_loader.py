@@ -74,7 +74,7 @@ class ShortcutLoRALoader:
                    if meta.calibration and chosen["measured"] else ".")
                 + ("" if chosen["measured"] else f" No recipe was measured at {recipe.steps} steps: the nearest "
                    f"step count's shift and strength.")
-                + (f" Shortcut Sampler at shift 0 (auto) tells the model the times of time shift {recipe.time_shift:+g} "
+                + (f" Shortcut Sampler at this shift tells the model the times of time shift {recipe.time_shift:+g} "
                    f"(its calibration's choice; other samplers use Euler's)." if recipe.time_shift else "")
                 + (f" Applied at strength {strength:g}, as set." if strength > 0 else "")
                 + (f" Calibrated step counts: {', '.join(str(n) for n in sorted(chosen['recipes']))}."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..shortcut_core.schedules import packed_token_count
 from ..host.checks import require_single_model, upstream_files
 from ..host.families import token_count
@@ -17,10 +19,11 @@ _SHIFT = ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.01, "max": 100.0, "step":
 # Shortcut Sampler's: 0 takes the recipe of the MODEL's shortcut LoRA for the steps set.
 _AUTO_SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
                          "tooltip": "Warps the schedule towards the noise end: t = s*u / (1 + (s-1)*u). 0 (auto): the "
-                                    "recipe the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
-                                    "Loader or Train Shortcut put it on the model): its shift, and on a full "
-                                    "denoise the time shift its calibration chose; else the shift the model samples "
-                                    "at. Lower is sharper with more artifacts, higher keeps structure but is softer."})
+                                    "shift the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
+                                    "Loader or Train Shortcut put it on the model), else the shift the model samples "
+                                    "at. At that shift (auto, or the loader's shift output) a full denoise also "
+                                    "tells the model the times the LoRA's calibration chose (its time shift). Lower "
+                                    "is sharper with more artifacts, higher keeps structure but is softer."})
 _RESOLUTION_SHIFT = ("BOOLEAN", {"default": False,
                                  "tooltip": "Use Flux's resolution-dependent shift e^mu (mu from the latent's token "
                                             "count) instead of the shift above."})
@@ -67,10 +70,9 @@ class ShortcutSampler:
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
                unique_id=None, prompt=None):
         require_single_model(model, upstream_files(prompt, unique_id))
-        time_shift = 0.0
-        if shift == 0.0:
-            shift, time_shift = carried_recipe(model, steps)
-        if resolution_shift or denoise < 1.0:
+        recipe_shift, time_shift = carried_recipe(model, steps)
+        shift = shift or recipe_shift
+        if resolution_shift or denoise < 1.0 or not math.isclose(shift, recipe_shift, rel_tol=1e-6):
             time_shift = 0.0  # measured on the whole walk at the recipe's shift, not on another schedule's jumps
         sigmas = shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                  tokens=token_count(model, tuple(latent_image["samples"].shape[1:])))

@@ -147,9 +147,10 @@ def _rewritten(lora_dir, source: str, name: str, edit) -> str:
 
 
 def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on_the_whole_walk(flux, lora_dir):
-    """A recipe with a time shift (the calibration's choice): Shortcut Sampler at shift 0 (auto) tells the diffusion
-    model the times sampling.told_times gives, a typed shift, a partial denoise or the resolution shift sample at
-    Euler's times, and a file calibrated before time shifts samples at Euler's times too."""
+    """A recipe with a time shift (the calibration's choice): Shortcut Sampler at the recipe's shift (0, auto, or the
+    loader's shift output, as the workflows wire it) tells the diffusion model the times sampling.told_times gives;
+    another shift, a partial denoise or the resolution shift sample at Euler's times, and a file calibrated before
+    time shifts samples at Euler's times too."""
     sampling = __import__("test_host_nodes").comfy_host.pack_module("host.sampling")
     patcher, positive = flux
     train_node(patcher, positive, latents(), steps=1, calibrate=True, save_name="timed", sample_shift=2.0)
@@ -195,8 +196,11 @@ def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on
     auto = run(0.0, False, 1.0, 1.0)
     assert told == pytest.approx([float(timestep(torch.tensor(t[0]))),
                                   float(timestep(torch.tensor(t[1] + 0.3 * t[1])))])
-    typed = run(shift, False, 1.0, 1.0)
-    assert told == pytest.approx([float(timestep(torch.tensor(x))) for x in t[:2]]) and not torch.equal(auto, typed)
+    auto_told = list(told)
+    assert torch.equal(run(shift, False, 1.0, 1.0), auto) and told == auto_told  # the loader's shift output
+    other = sampling.shortcut_sigmas(2, shift * 1.5).tolist()
+    run(shift * 1.5, False, 1.0, 1.0)
+    assert told == pytest.approx([float(timestep(torch.tensor(x))) for x in other[:2]])
     run(0.0, False, 1.0, 0.5)
     assert told == pytest.approx([float(timestep(x)) for x in sampling.shortcut_sigmas(2, shift, denoise=0.5)[:2]])
     run(0.0, True, 1.0, 1.0)
