@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from shortcut_core import Calibration, ShortcutConfig, ShortcutTrainer, TrainResult, load_lora, lora_applied, save_lora
+from shortcut_core import (Calibration, Recipe, ShortcutConfig, ShortcutTrainer, TrainResult, load_lora, lora_applied,
+                           save_lora)
 
 from .digits import (TeacherTraining, frechet_distance, image_grid, load_digits_images, load_or_pretrain_teacher,
                      rmse_to, sample, velocity_of, write_png)
@@ -67,9 +68,9 @@ def distill(net, latents: torch.Tensor, cfg: ShortcutConfig, progress: bool = Tr
         return trainer.result(), time.perf_counter() - t0
 
 
-def evaluate(net, lora, real: torch.Tensor, noise: torch.Tensor, shift: float, recipe: tuple[float, float] | None = None):
+def evaluate(net, lora, real: torch.Tensor, noise: torch.Tensor, shift: float, recipe: Recipe | None = None):
     """Rows of the demo's table and the samples behind them; every RMSE is to one reference. `recipe`:
-    the LoRA's calibrated (strength, shift), evaluated beside strength 1 at the training config's shift."""
+    the LoRA's calibrated 3-step recipe, evaluated beside strength 1 at the training config's shift."""
     reference = sample(net, noise, REFERENCE_STEPS, shift)
     # The shortcut's schedule need not suit the teacher: give the teacher its best shift too.
     three_step = {s: sample(net, noise, 3, s) for s in {*TEACHER_SHIFTS, shift}}
@@ -79,10 +80,10 @@ def evaluate(net, lora, real: torch.Tensor, noise: torch.Tensor, shift: float, r
     with lora_applied(net, lora, 1.0):
         runs["shortcut LoRA, 3 steps"] = sample(net, noise, 3, shift)
     if recipe is not None:
-        strength, calibrated_shift = recipe
-        with lora_applied(net, lora, strength):
-            runs[f"shortcut LoRA, 3 steps, calibrated (strength {strength:g}, shift {calibrated_shift:.3g})"] = \
-                sample(net, noise, 3, calibrated_shift)
+        told = f", time shift {recipe.time_shift:+g}" if recipe.time_shift else ""
+        with lora_applied(net, lora, recipe.strength):
+            runs[f"shortcut LoRA, 3 steps, calibrated (strength {recipe.strength:g}, shift {recipe.shift:.3g}{told})"] = \
+                sample(net, noise, 3, recipe.shift, time_shift=recipe.time_shift)
     runs["teacher, 32 steps"] = sample(net, noise, 32, shift)
     runs[f"teacher, {REFERENCE_STEPS} steps (reference)"] = reference
     rows = [[name, f"{rmse_to(x, reference):.4f}", f"{frechet_distance(x, real):.3f}"] for name, x in runs.items()]
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     noise = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(2025))
     rows, runs = evaluate(net, loaded.weights, real, noise, shift=cfg.sample_shift,
-                          recipe=(loaded.metadata.strength, loaded.metadata.shift))
+                          recipe=calibration.best[0])
     table = markdown_table(["sampler (same noise)", f"RMSE to teacher {REFERENCE_STEPS}-step", "FD to real digits"], rows)
     rmse = {r[0]: float(r[1]) for r in rows}
     calibrated = next(v for k, v in rmse.items() if k.startswith("shortcut LoRA, 3 steps, calibrated"))

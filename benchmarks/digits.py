@@ -186,9 +186,11 @@ def velocity_of(net: nn.Module):
     return lambda x, t, **_: net(x, t)
 
 
-def sample(net: nn.Module, noise: torch.Tensor, steps: int, shift: float = 3.25, batch: int = 1024) -> torch.Tensor:
+def sample(net: nn.Module, noise: torch.Tensor, steps: int, shift: float = 3.25, batch: int = 1024,
+           time_shift: float = 0.0) -> torch.Tensor:
     sigmas = shifted_schedule(steps, shift)
-    outs = [sample_euler(velocity_of(net), chunk, sigmas, disable=True) for chunk in noise.split(batch)]
+    outs = [sample_euler(velocity_of(net), chunk, sigmas, disable=True, time_shift=time_shift)
+            for chunk in noise.split(batch)]
     return torch.cat(outs)
 
 

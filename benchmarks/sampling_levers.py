@@ -2,7 +2,7 @@
 the time the model is told.
 
     python -m benchmarks.sampling_levers --threads 1 --out docs/convergence-sampling-levers
-    python -m benchmarks.sampling_levers --levers time-shift --seeds 0 1 2 --threads 1 --out docs/convergence-time-shift
+    python -m benchmarks.sampling_levers --levers time-shift --seeds 0 1 2 --threads 1 --out docs/convergence-time-shift-calibrated
 
 For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the full budget. Then:
 
@@ -18,9 +18,12 @@ For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the 
 - **The time the model is told** (the time-shift sampler of Li et al. 2024, "Alleviating exposure bias in
   diffusion models through sampling with shifted time steps"): a state reached by a long jump is not the
   state the model was trained on at that time, so each jump from t_i to t_i+1 queries the model at
-  t_i - a (t_i - t_i+1) (a = 0 is Euler; capped at the schedule's first time). a (-0.5 to 0.5) and the shift
-  beside it are searched per step count on the calibration's noises at the calibrated strength, and chosen as
-  the calibration chooses: of those the 16 noises cannot tell from the closest, the nearest Euler.
+  t_i - a (t_i - t_i+1) (a = 0 is Euler; capped at the schedule's first time: shortcut_core.sampling.told_times).
+  The calibration now searches a itself (calibration.search_time_shifts: told noisier only, at each step count's
+  chosen strength and shift, the shift beside it; of the settings the 16 noises cannot tell from the closest,
+  the nearest Euler): this lever scores its choice against the calibration at Euler's times alone, the recipe
+  every other lever starts from. (docs/convergence-time-shift.json, before the build, searched a from -0.5 to
+  0.5 with the shift beside it, x1 / x1.25 / x1.25^-1.)
 
 Everything is measured on the benchmark's 1000 evaluation noises: RMSE to the teacher's 128-step samples, and
 FD. Figures only.
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +40,8 @@ import torch
 
 from shortcut_core import ShortcutTrainer
 from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT
-from shortcut_core.calibration import indistinguishable_from_best, rms, squared_errors
+from shortcut_core.calibration import rms, squared_errors
+from shortcut_core.sampling import told_times
 
 from .report import machine_line, markdown_table
 from .teachers import TEACHERS, euler_samples
@@ -49,7 +52,6 @@ STRENGTHS = tuple(0.25 * k for k in range(1, 17))
 SHIFT_MOVES = (1 / 1.25, 1.25, 1 / 1.1, 1.1)
 MULTISTEP_C = tuple(round(-0.5 + 0.1 * k, 1) for k in range(16))
 SAMPLED = {"student": STUDENT, "fast EMA": EMA_FAST, "slow EMA": EMA_SLOW}
-TIME_SHIFTS = tuple(round(-0.5 + 0.1 * k, 1) for k in range(11))
 LEVERS = ("per-jump", "multistep", "sampled", "time-shift")
 
 
@@ -60,13 +62,13 @@ def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float =
     @torch.no_grad()
     def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
         s_in = x.new_ones([x.shape[0]])
+        told = told_times(sigmas, time_shift)
         before = None
         with trainer.adapters.use(STUDENT):
             try:
                 for i in range(len(sigmas) - 1):
                     trainer.adapters.set_strength(STUDENT, strengths[i])
-                    told = min(sigmas[i] - time_shift * (sigmas[i] - sigmas[i + 1]), sigmas[0])
-                    v = trainer.velocity(x, told * s_in, **args)
+                    v = trainer.velocity(x, told[i] * s_in, **args)
                     step = v if before is None else v + c * (v - before)
                     x, before = x + (sigmas[i + 1] - sigmas[i]) * step, v
             finally:
@@ -95,15 +97,6 @@ def search_per_jump(score, strengths: list[float], shift: float, sweeps: int = 3
     return strengths, shift, best
 
 
-def search_time_shift(errors_of, shift: float) -> tuple[float, float]:
-    """(a, shift): of TIME_SHIFTS x the calibrated shift and its neighbours, scored by `errors_of(a, shift)` (squared
-    errors over the calibration's noises), the nearest Euler at the calibrated shift among those the noises cannot
-    tell from the closest, as the calibration chooses its recipes."""
-    rows = [((a, shift * k), errors_of(a, shift * k)) for a in TIME_SHIFTS for k in (1.0, 1 / 1.25, 1.25)]
-    return min(indistinguishable_from_best(rows),
-               key=lambda pick: abs(pick[0]) / 0.1 + abs(math.log(pick[1] / shift)) / math.log(1.25))
-
-
 def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             user_shifts: bool = False) -> dict[str, list[dict]]:
     """Rows of each lever in `levers`, of one teacher's full paper run (at `seed`, or the teacher's own; with
@@ -121,9 +114,8 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
         trainer.run(cfg.steps, progress=False)
         reference = euler_samples(teacher.velocity, noise, args, teacher.config.reference_steps, cfg.sample_shift)
 
-        def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0,
-                                  time_shift: float = 0.0) -> torch.Tensor:
-            samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c, time_shift))
+        def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> torch.Tensor:
+            samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c))
             return squared_errors(samples, reference)
 
         def on_eval_noises(n: int, shift: float, strengths: list[float], c: float = 0.0,
@@ -132,8 +124,9 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             return teacher.rmse(samples), teacher.fd(samples)
 
         def calibrated_rows(label: str) -> dict:
+            # at Euler's times: every lever below starts from this recipe
             calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
-                                            step_counts=STEP_COUNTS)
+                                            step_counts=STEP_COUNTS, time_shifts=False)
             row = dict(teacher=name, seed=cfg.seed, lora=label, rmse={}, fd={}, strength={}, shift={})
             for n in STEP_COUNTS:
                 recipe, _ = calibration.best_for(n)
@@ -172,11 +165,13 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
                                           fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
             print(f"  {name} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), multistep c {c:g} "
                   f"shift {best_shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
-        for n in STEP_COUNTS if "time-shift" in levers else ():
-            strength = student["strength"][n]
-            a, shift = search_time_shift(lambda a, sh: on_calibration_noises(n, sh, [strength] * n, time_shift=a),
-                                         student["shift"][n])
-            rmse, fd = ((student["rmse"][n], student["fd"][n]) if (a, shift) == (0.0, student["shift"][n])
+        timed = (trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
+                                   step_counts=STEP_COUNTS) if "time-shift" in levers else None)
+        for n in STEP_COUNTS if timed is not None else ():
+            chosen, _ = timed.best_for(n)  # the strength is the Euler calibration's: the time shift keeps it
+            strength, shift, a = chosen.strength, chosen.shift, chosen.time_shift
+            rmse, fd = ((student["rmse"][n], student["fd"][n])
+                        if (strength, shift, a) == (student["strength"][n], student["shift"][n], 0.0)
                         else on_eval_noises(n, shift, [strength] * n, time_shift=a))
             rows["time-shift"].append(dict(run, steps=n, a=a, shift=shift, rmse=student["rmse"][n],
                                            fd=student["fd"][n], shifted_rmse=rmse, shifted_fd=fd))

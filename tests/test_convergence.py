@@ -202,17 +202,3 @@ def test_the_time_shift_is_euler_at_0_never_tells_a_time_past_the_first_and_move
         one = shifted_schedule(1, 1.0)
         student_sampler(trainer, [1.0], time_shift=0.3)(noise, one, {})
         assert told == pytest.approx([0.7 * float(one[0])])
-
-
-def test_the_time_shift_search_keeps_euler_unless_the_noises_tell_a_shift_apart():
-    import torch
-    from benchmarks.sampling_levers import search_time_shift
-
-    def errors_of(gain):
-        def errors(a, shift):  # the same errors up to a spread the 16 noises cannot resolve, less `gain` at one
-            wobble = 0.01 * torch.tensor([(-1.0) ** i for i in range(16)]) * (1 + abs(a) + shift)
-            return torch.linspace(1.0, 1.1, 16) + wobble - gain * (a == -0.3 and shift == pytest.approx(1.25))
-        return errors
-
-    assert search_time_shift(errors_of(0.5), 1.0) == (-0.3, pytest.approx(1.25))
-    assert search_time_shift(errors_of(0.0), 1.0) == (0.0, 1.0)
