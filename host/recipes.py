@@ -1,6 +1,6 @@
 """The few-step recipe (steps, shift, strength, time shift) a shortcut LoRA is sampled with, per step count: read
 from its file's calibration, carried on the MODEL it patches (Shortcut LoRA Loader, Train Shortcut), and read back
-by Shortcut Sampler when its shift is left at "auto"."""
+by Shortcut Sampler: its shift when the sampler's is left at "auto", its time shift when the sampler runs at it."""
 
 from __future__ import annotations
 

@@ -74,9 +74,9 @@ def sample_shortcut(model, positive, negative, latent: dict, *, seed: int, sigma
     guider = make_guider(model, positive, negative, cfg)
     steps = max(len(sigmas) - 1, 0)
     callback = latent_preview.prepare_callback(model, steps)
-    samples = guider.sample(noise, latent_image, comfy.samplers.KSAMPLER(shortcut_euler, {"time_shift": time_shift}), sigmas,
-                            denoise_mask=latent.get("noise_mask"), callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    sampler = comfy.samplers.KSAMPLER(shortcut_euler, {"time_shift": time_shift})
+    samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()
     # newer hosts also hand latents between nodes in an intermediate dtype (fp16 with --fp16-intermediates)
     dtype = getattr(comfy.model_management, "intermediate_dtype", lambda: samples.dtype)()

@@ -44,8 +44,8 @@ STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)   # the strength line
 STRENGTH_STEP = 0.5                     # an edge that stays the best is extended by this ...
 STRENGTH_RANGE = (0.25, 4.0)            # ... within this range
 WIDENINGS = 4                           # at most this many points beyond each edge of a line
-TIME_SHIFTS = (-0.4, -0.2, 0.0)  # the time-shift line (sampling.told_times; told noisier) at the chosen recipe ...
-TIME_SHIFT_STEP = 0.1            # ... then the best's neighbours at this distance (never cleaner than Euler's)
+TIME_SHIFTS = (-0.4, -0.2, 0.0)         # the time-shift line (sampling.told_times: told noisier) at a chosen recipe ...
+TIME_SHIFT_STEP = 0.1                   # ... then the best's neighbours at this distance (never cleaner than Euler's)
 TIE_SE = 1.0                            # mean paired differences within this many standard errors are ties (the "one standard error" rule)
 
 
