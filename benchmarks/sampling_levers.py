@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 
 from shortcut_core import ShortcutTrainer
-from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT
+from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT, TEACHER
 from shortcut_core.calibration import rms, squared_errors
 from shortcut_core.sampling import told_times
 
@@ -112,7 +112,9 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
         if user_shifts:
             trainer.centre_shifts(noise, args, reference_steps=teacher.config.reference_steps)
         trainer.run(cfg.steps, progress=False)
-        reference = euler_samples(teacher.velocity, noise, args, teacher.config.reference_steps, cfg.sample_shift)
+        # the teacher's walks: the module's own call runs whatever adapter is active (after run(), the student's)
+        reference = euler_samples(None, noise, args, teacher.config.reference_steps, cfg.sample_shift,
+                                  lambda noise, sigmas, args: trainer.sample_as(TEACHER, noise, sigmas, args))
 
         def on_calibration_noises(n: int, shift: float, strengths: list[float], c: float = 0.0) -> torch.Tensor:
             samples = euler_samples(None, noise, args, n, shift, student_sampler(trainer, strengths, c))
