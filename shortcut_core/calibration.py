@@ -17,15 +17,19 @@ the measurement cannot tell from the closest (paired over the same noises: a mea
 standard error, the classic one-standard-error rule), the one nearest the LoRA's own (shift and strength in
 steps of the search's lines).
 
-Last, at each step count's chosen recipe (two steps and more), the time the model is told on each jump
-(sampling.told_times: Li et al.'s time-shift sampler) is searched: told noisier than the state's time by 0 to
-0.4 of the jump, refined around the best, and where it moves, the shift beside it (a time told noisier wants a
-lower shift: the two move together). Only the noisier side: after a long jump the state is smoother than the
-teacher's at that time, and the error falls smoothly towards a best; a cleaner time tells the model a state it
-never saw (the first jump's pure noise as a part-clean state), and there the error jumps about with the time
-(docs/convergence.md). It costs no training and no forward at sampling time, and helps some LoRAs and not
-others (the flux-like teacher's 2-3 steps), so it is chosen by the same rule: of the settings the noises cannot
-tell from the closest, the one nearest Euler's times at the chosen shift. A LoRA it does not help keeps Euler.
+Last, at each step count's chosen recipe (two steps and more), two choices of the walk that cost no training and
+no forward at sampling time (sampling.sample_euler), each searched on a line, refined around its best, and where
+it moves, with the shift beside it (both change the path the way a shift does, so they move together):
+- the time the model is told on each jump (sampling.told_times: Li et al.'s time-shift sampler): told noisier
+  than the state's time by 0 to 0.5 of the jump. Only the noisier side: after a long jump the state is smoother
+  than the teacher's at that time, and the error falls smoothly towards a best; a cleaner time tells the model a
+  state it never saw (the first jump's pure noise as a part-clean state), and there the error jumps about with
+  the time (docs/convergence.md);
+- then, at that time shift, the multistep step v_i + c (v_i - v_i-1), c from 0 (Euler) to 1/2 (Adams-Bashforth's
+  two-step rule at equal steps): the curvature the last two jumps show, followed.
+Each helps some LoRAs and not others, so each is chosen by the calibration's rule: of the settings the noises
+cannot tell from the closest, the one nearest Euler's walk at the chosen shift. A LoRA they do not help keeps
+Euler.
 """
 
 from __future__ import annotations
@@ -44,19 +48,38 @@ STRENGTHS = (0.5, 1.0, 1.5, 2.0, 2.5)   # the strength line
 STRENGTH_STEP = 0.5                     # an edge that stays the best is extended by this ...
 STRENGTH_RANGE = (0.25, 4.0)            # ... within this range
 WIDENINGS = 4                           # at most this many points beyond each edge of a line
-TIME_SHIFTS = (-0.4, -0.2, 0.0)         # the time-shift line (sampling.told_times: told noisier) at a chosen recipe ...
-TIME_SHIFT_STEP = 0.1                   # ... then the best's neighbours at this distance (never cleaner than Euler's)
 TIE_SE = 1.0                            # mean paired differences within this many standard errors are ties (the "one standard error" rule)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How a LoRA is sampled: Euler `steps` on the schedule at `shift`, the LoRA at `strength`, the model told the
-    times sampling.told_times gives for `time_shift` (0: Euler's own)."""
+    times sampling.told_times gives for `time_shift` (0: Euler's own), stepping with `multistep` (0: Euler's)."""
     steps: int
     strength: float
     shift: float
     time_shift: float = 0.0
+    multistep: float = 0.0
+
+    @property
+    def walk(self) -> dict[str, float]:
+        """The keywords of sampling.sample_euler this recipe sets beyond its schedule."""
+        return {"time_shift": self.time_shift, "multistep": self.multistep}
+
+
+@dataclass(frozen=True)
+class WalkLever:
+    """A choice of the walk at a chosen recipe (a Recipe field, searched by search_walk): its line, the distance
+    of the best's neighbours, and the range it stays in."""
+    field: str
+    line: tuple[float, ...]
+    step: float
+    bounds: tuple[float, float]
+
+
+TIME_SHIFT = WalkLever("time_shift", (-0.4, -0.2, 0.0), 0.1, (-0.5, 0.0))  # told noisier only
+MULTISTEP = WalkLever("multistep", (0.0, 0.2, 0.4), 0.1, (0.0, 0.5))       # Euler to Adams-Bashforth
+WALK_LEVERS = (TIME_SHIFT, MULTISTEP)  # searched in this order, each at the one before's choice
 
 
 def squared_errors(samples: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -148,38 +171,43 @@ def search_recipes(measure: Callable[[Recipe], torch.Tensor], steps: int, shift:
     return list(measured.items())
 
 
-def search_time_shifts(measure: Callable[[Recipe], torch.Tensor], recipe: Recipe) -> list[tuple[Recipe, torch.Tensor]]:
-    """`recipe` (two steps or more) at each time shift of the line, then the best's neighbours; where the best is
-    not Euler's, the half-way shifts beside it (x/ 1.5^0.5) and the time shift's neighbours again at the better
-    shift; each measured once (`measure(recipe)`: its squared_errors)."""
+def search_walk(measure: Callable[[Recipe], torch.Tensor], recipe: Recipe,
+                lever: WalkLever) -> list[tuple[Recipe, torch.Tensor]]:
+    """`recipe` (two steps or more) at each value of `lever`'s line, then the best's neighbours; where the best is
+    not the recipe's own, the half-way shifts beside it (x/ 1.5^0.5) and the neighbours again at the better shift;
+    each measured once (`measure(recipe)`: its squared_errors)."""
     if recipe.steps < 2:
-        raise ValueError("one jump has no later time to tell the model: it starts at the schedule's first")
+        raise ValueError(f"{lever.field}: one jump has no earlier one, and starts at the schedule's first time")
     measured: dict[Recipe, torch.Tensor] = {}
+    low, high = lever.bounds
 
-    def at(a: float, shift: float = recipe.shift) -> float:
-        candidate = dataclasses.replace(recipe, shift=round(float(shift), 6), time_shift=round(float(a), 6))
+    def at(value: float, shift: float = recipe.shift) -> float:
+        candidate = dataclasses.replace(recipe, shift=round(float(shift), 6), **{lever.field: round(float(value), 6)})
         if candidate not in measured:
             measured[candidate] = measure(candidate)
         return rms(measured[candidate])
 
-    def around(a: float, shift: float) -> float:
-        """The best time shift of a and its neighbours at `shift`."""
-        return min((x for x in (a - TIME_SHIFT_STEP, a, a + TIME_SHIFT_STEP) if x <= 0), key=lambda x: at(x, shift))
+    def around(value: float, shift: float) -> float:
+        """The best of `value` and its neighbours at `shift`."""
+        near = (value - lever.step, value, value + lever.step)
+        return min((x for x in near if low - 1e-9 <= x <= high + 1e-9), key=lambda x: at(x, shift))
 
-    best = round(around(min(TIME_SHIFTS, key=at), recipe.shift), 6)
-    if best != 0:
+    own = getattr(recipe, lever.field)
+    best = round(around(min(lever.line, key=at), recipe.shift), 6)
+    if best != own:
         half = math.sqrt(SHIFT_RATIO)
         shift = min((recipe.shift / half, recipe.shift, recipe.shift * half), key=lambda s: at(best, s))
         around(best, shift)
     return list(measured.items())
 
 
-def choose_time_shift(rows: Sequence[tuple[Recipe, torch.Tensor]], chosen: Recipe) -> Recipe:
-    """Of `chosen` at other time shifts and shifts (their squared_errors on the same noises), the one nearest
-    `chosen` (Euler's times, its shift: in steps of the searches' lines) among those the measurement cannot tell
-    from the closest (indistinguishable_from_best)."""
+def choose_walk(rows: Sequence[tuple[Recipe, torch.Tensor]], chosen: Recipe) -> Recipe:
+    """Of `chosen` at other walks and shifts (their squared_errors on the same noises), the one nearest `chosen`
+    (in steps of the searches' lines) among those the measurement cannot tell from the closest
+    (indistinguishable_from_best)."""
     def away(recipe: Recipe) -> float:
-        return (abs(recipe.time_shift - chosen.time_shift) / TIME_SHIFT_STEP
+        return (sum(abs(getattr(recipe, lever.field) - getattr(chosen, lever.field)) / lever.step
+                    for lever in WALK_LEVERS)
                 + abs(math.log(recipe.shift / chosen.shift)) / math.log(math.sqrt(SHIFT_RATIO)))
 
     distance = {recipe: float(errors.mean()) for recipe, errors in rows}
@@ -220,23 +248,24 @@ class Calibration:
         return {n: self.best_for(n)[0] for n in self.step_counts}
 
     def to_dict(self) -> dict[str, Any]:
-        # time-shifted rows in a table of their own: readers that predate them keep reading "table"
+        # rows off Euler's walk in a table of their own: readers that predate them keep reading "table"
         return {"metric": "rms distance to the teacher's samples", "reference_steps": self.reference_steps,
                 "samples": self.samples,
-                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table if r.time_shift == 0],
-                "time_shift_table": [[r.steps, r.strength, r.shift, r.time_shift, d]
-                                     for r, d in self.table if r.time_shift != 0],
-                "recipes": {str(n): {"strength": r.strength, "shift": r.shift, "time_shift": r.time_shift}
+                "table": [[r.steps, r.strength, r.shift, d] for r, d in self.table if not any(r.walk.values())],
+                "walk_table": [[r.steps, r.strength, r.shift, r.time_shift, r.multistep, d]
+                               for r, d in self.table if any(r.walk.values())],
+                "recipes": {str(n): {"strength": r.strength, "shift": r.shift, **r.walk}
                             for n, r in self.recipes().items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Calibration":
-        """Also a file written before per-step recipes (its table holds the steps it measured) or before time
-        shifts (Euler's times)."""
+        """Also a file written before per-step recipes (its table holds the steps it measured) or before the walk's
+        choices (Euler's)."""
         table = [(Recipe(int(n), float(s), float(h)), float(d)) for n, s, h, d in data["table"]]
-        table += [(Recipe(int(n), float(s), float(h), float(a)), float(d))
-                  for n, s, h, a, d in data.get("time_shift_table", [])]
-        chosen = {int(n): Recipe(int(n), float(r["strength"]), float(r["shift"]), float(r.get("time_shift", 0.0)))
+        table += [(Recipe(int(n), float(s), float(h), float(a), float(c)), float(d))
+                  for n, s, h, a, c, d in data.get("walk_table", [])]
+        chosen = {int(n): Recipe(int(n), float(r["strength"]), float(r["shift"]), float(r.get("time_shift", 0.0)),
+                                 float(r.get("multistep", 0.0)))
                   for n, r in data.get("recipes", {}).items()}
         return cls(table=table, reference_steps=int(data["reference_steps"]), samples=int(data["samples"]),
                    chosen=chosen or None)
@@ -247,41 +276,52 @@ class Calibration:
         base, base_distance = self.baseline
         shifts = [r.shift for r, _ in self.table]
         strengths = [r.strength for r, _ in self.table]
-        lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}"
-                 + (f", time shift {best.time_shift:+g}" if best.time_shift else ""),
+        lines = [f"calibrated: {best.steps} steps, strength {best.strength:g}, shift {best.shift:.3g}",
+                 *([f"  {walk_text(best)}"] if walk_text(best) else []),
                  f"rms {best_distance:.4f} (strength 1, shift {base.shift:.3g}: {base_distance:.4f})",
                  "best per step count, rms to the teacher's",
                  f"{self.reference_steps}-step samples, {self.samples} held-out noises:"]
         for n in self.step_counts:
             recipe, distance = self.best_for(n)
             lines.append(f"{n:>2} step{'s' if n > 1 else ' '} strength {recipe.strength:<4g} shift "
-                         f"{recipe.shift:<6.3g} rms {distance:.4f}"
-                         + (f" time shift {recipe.time_shift:+g}" if recipe.time_shift else ""))
-        time_shifts = [r.time_shift for r, _ in self.table]
+                         f"{recipe.shift:<6.3g} rms {distance:.4f}")
+            if walk_text(recipe):
+                lines.append(f"         {walk_text(recipe)}")
         lines.append(f"{len(self.table)} recipes: shift {min(shifts):.3g}-{max(shifts):.3g}, "
-                     f"strength {min(strengths):g}-{max(strengths):g}" + ("," if any(time_shifts) else ""))
-        if any(time_shifts):
-            lines.append(f"time shift {min(time_shifts):g} to {max(time_shifts):g} (0: Euler's times)")
+                     f"strength {min(strengths):g}-{max(strengths):g}")
+        ranges = [f"{name} {min(values):g} to {max(values):g}" for name, values in
+                  (("time shift", [r.time_shift for r, _ in self.table]),
+                   ("multistep", [r.multistep for r, _ in self.table])) if any(values)]
+        if ranges:
+            lines.append(", ".join(ranges) + " (0: Euler's)")
         return "\n".join(lines)
+
+
+def walk_text(recipe: Recipe) -> str:
+    """The recipe's walk where it is not Euler's, as the nodes say it ("" for Euler's)."""
+    return ", ".join(([f"time shift {recipe.time_shift:+g}"] if recipe.time_shift else [])
+                     + ([f"multistep {recipe.multistep:g}"] if recipe.multistep else []))
 
 
 def calibrate_recipe(sample: Callable[[Recipe], torch.Tensor], reference: torch.Tensor, steps: int, shift: float,
                      reference_steps: int, step_counts: Sequence[int] = STEP_COUNTS,
-                     time_shifts: bool = True) -> Calibration:
+                     walk_levers: Sequence[WalkLever] = WALK_LEVERS) -> Calibration:
     """Search the recipes (search_recipes) by `sample(recipe)`'s distance to `reference`, and choose one per step
-    count (choose: the nearest the LoRA's own of those the noises cannot tell from the closest); then, with
-    `time_shifts`, its time shift (search_time_shifts, choose_time_shift: the nearest Euler's likewise)."""
+    count (choose: the nearest the LoRA's own of those the noises cannot tell from the closest); then, at two
+    steps and more, each of `walk_levers` in turn (search_walk, choose_walk: the nearest Euler's likewise; none:
+    Euler's walk)."""
     def errors_of(recipe: Recipe) -> torch.Tensor:
         return squared_errors(sample(recipe), reference)
 
     measured = search_recipes(errors_of, steps, shift, step_counts)
     chosen = {n: choose([(r, e) for r, e in measured if r.steps == n], Recipe(n, 1.0, shift))
               for n in sorted({r.steps for r, _ in measured})}
-    if time_shifts:
-        known = dict(measured)
-        for n, recipe in [(n, r) for n, r in chosen.items() if n > 1]:
-            rows = search_time_shifts(lambda r: known[r] if r in known else errors_of(r), recipe)
+    known = dict(measured)
+    for lever in walk_levers:
+        for n in [n for n in chosen if n > 1]:
+            rows = search_walk(lambda r: known[r] if r in known else errors_of(r), chosen[n], lever)
             measured += [(r, e) for r, e in rows if r not in known]
-            chosen[n] = choose_time_shift(rows, recipe)
+            known.update(rows)
+            chosen[n] = choose_walk(rows, chosen[n])
     return Calibration(table=[(r, rms(e)) for r, e in measured], reference_steps=reference_steps,
                        samples=int(reference.shape[0]), chosen=chosen)

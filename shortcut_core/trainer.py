@@ -25,7 +25,7 @@ from .activation_checkpointing import checkpoint_blocks
 from .adapters import (EMA_FAST, EMA_SLOW, STUDENT, TEACHER, LoraState, LoraWeights, ShortcutAdapters,
                        exact_module_pattern, lora_target_names, uniform_rank_alpha)
 from .block_streaming import BlockStreamer
-from .calibration import STEP_COUNTS, Calibration, Recipe, calibrate_recipe
+from .calibration import STEP_COUNTS, WALK_LEVERS, Calibration, Recipe, WalkLever, calibrate_recipe
 from .checkpoint import CheckpointWriteError, checkpoint_state, load_into, write_checkpoint
 from .config import ConfigError, ShortcutConfig, schedule_around
 from .data_parallel import DataParallel
@@ -457,30 +457,32 @@ class ShortcutTrainer:
     # ------------------------------------------------------------------ sampling with the run's adapters
     @torch.no_grad()
     def sample_as(self, role: str, noise: torch.Tensor, sigmas: torch.Tensor, extra_args: Mapping[str, Any] | None = None,
-                  strength: float = 1.0, time_shift: float = 0.0) -> torch.Tensor:
+                  strength: float = 1.0, time_shift: float = 0.0, multistep: float = 0.0) -> torch.Tensor:
         """Euler samples from `noise` along `sigmas` with the module as `role` (the student at `strength`; the
-        model told the times sampling.told_times gives for `time_shift`): previews and calibration. Uses neither
+        walk's `time_shift` and `multistep` as sampling.sample_euler takes them): previews and calibration. Uses neither
         the training RNG nor the optimizer, and puts the adapters back as they were, so training goes on exactly
         as without the call."""
         with self.adapters.use(role):
             self.adapters.set_strength(role, strength)
             try:
                 return sample_euler(self.velocity, noise.to(self.device), sigmas.to(self.device),
-                                    dict(extra_args or {}), disable=True, time_shift=time_shift)
+                                    dict(extra_args or {}), disable=True, time_shift=time_shift,
+                                    multistep=multistep)
             finally:
                 self.adapters.set_strength(role, 1.0)
 
     def calibrate(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
                   reference_steps: int | None = None, step_counts: Sequence[int] = STEP_COUNTS,
-                  between: Callable[[], None] | None = None, time_shifts: bool = True) -> Calibration:
+                  between: Callable[[], None] | None = None,
+                  walk_levers: Sequence[WalkLever] = WALK_LEVERS) -> Calibration:
         """Measure the student's few-step samples against the teacher's many-step samples from the same
-        held-out noises, searching the recipe (strength, shift, then the time shift) for the config's sample_steps
+        held-out noises, searching the recipe (strength, shift, then the walk: time shift, multistep) for the config's sample_steps
         and each of `step_counts` (calibration.calibrate_recipe), and keep the result: lora_metadata() then recommends the
         best recipe at sample_steps and carries the best for every step count. `between()` runs before each
-        sampling (raising from it stops the search, e.g. on the host's interrupt). `time_shifts` False: Euler's
-        times only (calibration.calibrate_recipe)."""
+        sampling (raising from it stops the search, e.g. on the host's interrupt). `walk_levers=()`: Euler's
+        walk only (calibration.calibrate_recipe)."""
         self.calibration = self._measure_recipes(STUDENT, noise, extra_args, reference_steps, step_counts, between,
-                                                 time_shifts)
+                                                 walk_levers)
         return self.calibration
 
     def centre_shifts(self, noise: torch.Tensor, extra_args: Mapping[str, Any] | None = None, *,
@@ -497,34 +499,35 @@ class ShortcutTrainer:
                                f"{self.step_count})")
         cfg = self.config
         best, _ = self._measure_recipes(TEACHER, noise, extra_args, reference_steps, (cfg.sample_steps,),
-                                        between, time_shifts=False).best_for(cfg.sample_steps)
+                                        between, walk_levers=()).best_for(cfg.sample_steps)
         self._use_config(cfg.replace(**schedule_around(best.shift, cfg.resolution_shift_prob)))
         return best
 
     def _measure_recipes(self, role: str, noise: torch.Tensor, extra_args: Mapping[str, Any] | None,
                          reference_steps: int | None, step_counts: Sequence[int],
-                         between: Callable[[], None] | None = None, time_shifts: bool = True) -> Calibration:
+                         between: Callable[[], None] | None = None,
+                         walk_levers: Sequence[WalkLever] = WALK_LEVERS) -> Calibration:
         cfg = self.config
         reference_steps = reference_steps or cfg.reference_steps
 
-        def in_batches(role: str, sigmas: torch.Tensor, strength: float = 1.0, time_shift: float = 0.0) -> torch.Tensor:
+        def in_batches(role: str, sigmas: torch.Tensor, strength: float = 1.0, **walk: float) -> torch.Tensor:
             if between is not None:
                 between()
             # forwards no larger than a training batch's: the memory the run was sized for
             n, size = noise.shape[0], cfg.batch_size
             return torch.cat([self.sample_as(role, noise[i:i + size], sigmas,
                                              select_items(extra_args or {}, torch.arange(i, min(i + size, n)), n),
-                                             strength, time_shift) for i in range(0, n, size)])
+                                             strength, **walk) for i in range(0, n, size)])
 
         reference = in_batches(TEACHER, shifted_schedule(reference_steps, cfg.sample_shift, t_max=cfg.t_max))
 
         def sample(recipe: Recipe) -> torch.Tensor:
             # the teacher has no strength: its line of strengths measures alike and the choice keeps 1
             return in_batches(role, shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max),
-                              recipe.strength if role == STUDENT else 1.0, recipe.time_shift)
+                              recipe.strength if role == STUDENT else 1.0, **recipe.walk)
 
         return calibrate_recipe(sample, reference, cfg.sample_steps, cfg.sample_shift, reference_steps, step_counts,
-                                time_shifts)
+                                walk_levers)
 
     # ------------------------------------------------------------------ checkpoints (format: checkpoint.py)
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,8 +9,8 @@ import torch
 
 from shortcut_core import LoraMetadata, ShortcutConfig, ShortcutTrainer, sample_euler, shifted_schedule
 from shortcut_core.adapters import STUDENT, TEACHER
-from shortcut_core.calibration import (Calibration, Recipe, calibrate_recipe, choose, choose_time_shift,
-                                       sample_distance, search_recipes, search_time_shifts)
+from shortcut_core.calibration import (MULTISTEP, TIME_SHIFT, Calibration, Recipe, calibrate_recipe, choose,
+                                       choose_walk, sample_distance, search_recipes, search_walk)
 from shortcut_core.sampling import told_times
 
 from test_trainer import SHAPE, TinyVelocityNet
@@ -77,7 +77,7 @@ def test_the_best_recipe_is_the_closest_at_the_loras_own_step_count_and_each_ste
     assert calibration.baseline == (Recipe(3, 1.0, 3.0), pytest.approx(0.5))
     assert calibration.recipes() == {1: Recipe(1, 2.0, 2.0), 3: Recipe(3, 1.5, 4.5), 6: Recipe(6, 1.0, 3.0)}
     data = calibration.to_dict()
-    assert data["recipes"]["1"] == {"strength": 2.0, "shift": 2.0, "time_shift": 0.0}
+    assert data["recipes"]["1"] == {"strength": 2.0, "shift": 2.0, "time_shift": 0.0, "multistep": 0.0}
     assert Calibration.from_dict(data).table == calibration.table
     text = calibration.text()
     assert text.startswith("calibrated: 3 steps, strength 1.5, shift 4.5\nrms 0.1000 (strength 1, shift 3: 0.5000)")
@@ -117,12 +117,30 @@ def test_sampling_at_a_time_shift_tells_the_model_those_times_and_at_0_is_euler_
     assert told == pytest.approx([1.0, 0.6]) and not torch.allclose(shifted, euler)
 
 
-def _errors(best_time_shift: float, gain: float, best_shift: float = 2.0):
-    """Squared errors over 16 noises with a spread they cannot resolve, less up to `gain` around one time shift
-    and shift."""
+def test_the_multistep_step_is_euler_at_0_adams_bashforths_at_one_half_on_equal_jumps_and_leaves_one_jump_alone():
+    def velocity(x, t):
+        return x * t.reshape(-1, 1) ** 2 + 1
+
+    x, sigmas = torch.randn(2, 3), torch.tensor([1.0, 0.5, 0.0])
+    euler = sample_euler(velocity, x, sigmas)
+    assert torch.equal(sample_euler(velocity, x, sigmas, multistep=0.0), euler)
+    v0 = velocity(x, torch.full((2,), 1.0))
+    x1 = x - 0.5 * v0
+    v1 = velocity(x1, torch.full((2,), 0.5))
+    two_step = x1 - 0.5 * (1.5 * v1 - 0.5 * v0)  # Adams-Bashforth's two-step rule
+    assert torch.allclose(sample_euler(velocity, x, sigmas, multistep=0.5), two_step)
+    assert not torch.allclose(two_step, euler)
+    one = torch.tensor([1.0, 0.0])
+    assert torch.equal(sample_euler(velocity, x, one, multistep=0.5), sample_euler(velocity, x, one))
+
+
+def _errors(best_value: float, gain: float, best_shift: float = 2.0, field: str = "time_shift"):
+    """Squared errors over 16 noises with a spread they cannot resolve, less up to `gain` around one value of the
+    walk's `field` and one shift."""
     def measure(recipe):
-        wobble = 0.01 * torch.tensor([(-1.0) ** i for i in range(16)]) * (1 + abs(recipe.time_shift))
-        closer = gain * (1 - 4 * abs(recipe.time_shift - best_time_shift) - abs(math.log(recipe.shift / best_shift)))
+        value = getattr(recipe, field)
+        wobble = 0.01 * torch.tensor([(-1.0) ** i for i in range(16)]) * (1 + abs(value))
+        closer = gain * (1 - 4 * abs(value - best_value) - abs(math.log(recipe.shift / best_shift)))
         return torch.linspace(1.0, 1.1, 16) + wobble - max(closer, 0.0)
     return measure
 
@@ -130,7 +148,7 @@ def _errors(best_time_shift: float, gain: float, best_shift: float = 2.0):
 def test_the_time_shift_search_refines_around_its_best_moves_the_shift_beside_it_and_tells_only_noisier_times():
     half = 1.5 ** 0.5
     recipe = Recipe(3, 1.5, 2.0)
-    rows = search_time_shifts(_errors(-0.28, 0.5, best_shift=2.0 / half), recipe)
+    rows = search_walk(_errors(-0.28, 0.5, best_shift=2.0 / half), recipe, TIME_SHIFT)
     measured = {}
     for r, _ in rows:
         assert (r.steps, r.strength) == (3, 1.5)
@@ -138,39 +156,64 @@ def test_the_time_shift_search_refines_around_its_best_moves_the_shift_beside_it
     assert sorted(measured[2.0]) == [-0.4, -0.3, -0.2, -0.1, 0.0]     # the line, then around its best
     assert sorted(measured[round(2.0 / half, 6)]) == [-0.4, -0.3, -0.2]  # the better shift, around it
     assert measured[round(2.0 * half, 6)] == [-0.3]
-    assert choose_time_shift(rows, recipe) == Recipe(3, 1.5, round(2.0 / half, 6), -0.3)
-    cleaner = search_time_shifts(_errors(0.3, 0.5), recipe)  # never told a cleaner time than the state's
-    assert max(r.time_shift for r, _ in cleaner) == 0.0 and choose_time_shift(cleaner, recipe) == recipe
-    with pytest.raises(ValueError, match="one jump"):
-        search_time_shifts(_errors(0.3, 0.5), Recipe(1, 2.0, 2.0))
+    assert choose_walk(rows, recipe) == Recipe(3, 1.5, round(2.0 / half, 6), -0.3)
+    cleaner = search_walk(_errors(0.3, 0.5), recipe, TIME_SHIFT)  # never told a cleaner time than the state's
+    assert max(r.time_shift for r, _ in cleaner) == 0.0 and choose_walk(cleaner, recipe) == recipe
+    with pytest.raises(ValueError, match="time_shift: one jump"):
+        search_walk(_errors(0.3, 0.5), Recipe(1, 2.0, 2.0), TIME_SHIFT)
 
 
 def test_a_time_shift_the_noises_cannot_tell_from_eulers_gives_way_to_euler():
     recipe = Recipe(3, 1.0, 2.0)
     for gain in (0.0, 0.0005):
-        assert choose_time_shift(search_time_shifts(_errors(-0.3, gain), recipe), recipe) == recipe
+        assert choose_walk(search_walk(_errors(-0.3, gain), recipe, TIME_SHIFT), recipe) == recipe
 
 
-def test_calibrate_chooses_the_time_shift_at_each_step_counts_recipe_and_the_file_keeps_it():
+def test_the_multistep_search_starts_at_the_chosen_time_shift_and_stays_between_euler_and_adams_bashforth():
+    recipe = Recipe(3, 1.5, 2.0, -0.2)
+    rows = search_walk(_errors(0.38, 0.5, field="multistep"), recipe, MULTISTEP)
+    assert {(r.steps, r.strength, r.time_shift) for r, _ in rows} == {(3, 1.5, -0.2)}
+    assert sorted(r.multistep for r, _ in rows if r.shift == 2.0) == [0.0, 0.2, 0.3, 0.4, 0.5]
+    assert choose_walk(rows, recipe) == Recipe(3, 1.5, 2.0, -0.2, 0.4)
+    beyond = search_walk(_errors(0.6, 0.5, field="multistep"), recipe, MULTISTEP)  # never past c = 1/2
+    assert max(r.multistep for r, _ in beyond) == 0.5 and choose_walk(beyond, recipe).multistep == 0.5
+    backwards = search_walk(_errors(-0.3, 0.5, field="multistep"), recipe, MULTISTEP)  # nor below Euler
+    assert min(r.multistep for r, _ in backwards) == 0.0 and choose_walk(backwards, recipe) == recipe
+    with pytest.raises(ValueError, match="multistep: one jump"):
+        search_walk(_errors(0.3, 0.5), Recipe(1, 2.0, 2.0), MULTISTEP)
+
+
+def test_calibrate_chooses_the_time_shift_then_the_multistep_at_each_step_counts_recipe_and_the_file_keeps_them():
     measure, _ = _bowl({n: 1.0 for n in (1, 2, 3, 4)}, {n: 1.5 for n in (1, 2, 3, 4)})
     reference = torch.zeros(4, 1)
 
-    def sample(recipe):  # the bowl's distance, a tenth of it less at time shift -0.2 on 2 steps
-        gain = 0.9 if (recipe.steps, recipe.time_shift) == (2, -0.2) else 1.0
+    def sample(recipe):  # the bowl's distance, less at 2 steps told -0.2 (less again at c 0.4 there), at 3 at c 0.2
+        gain = 1.0
+        if (recipe.steps, recipe.time_shift) == (2, -0.2):
+            gain *= 0.9 if recipe.multistep != 0.4 else 0.81
+        if (recipe.steps, recipe.time_shift, recipe.multistep) == (3, 0.0, 0.2):
+            gain *= 0.9
         return (measure(recipe) * gain).sqrt()[:, None]
 
     calibration = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32)
-    assert calibration.recipes() == {1: Recipe(1, 1.5, 1.0), 2: Recipe(2, 1.5, 1.0, -0.2), 3: Recipe(3, 1.5, 1.0),
-                                     4: Recipe(4, 1.5, 1.0)}
-    plain = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32, time_shifts=False)
-    assert plain.recipes()[2] == Recipe(2, 1.5, 1.0) and not any(r.time_shift for r, _ in plain.table)
+    assert calibration.recipes() == {1: Recipe(1, 1.5, 1.0), 2: Recipe(2, 1.5, 1.0, -0.2, 0.4),
+                                     3: Recipe(3, 1.5, 1.0, 0.0, 0.2), 4: Recipe(4, 1.5, 1.0)}
+    told = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32, walk_levers=(TIME_SHIFT,))
+    assert told.recipes()[2] == Recipe(2, 1.5, 1.0, -0.2) and told.recipes()[3] == Recipe(3, 1.5, 1.0)
+    plain = calibrate_recipe(sample, reference, steps=3, shift=1.0, reference_steps=32, walk_levers=())
+    assert plain.recipes()[2] == Recipe(2, 1.5, 1.0) and not any(any(r.walk.values()) for r, _ in plain.table)
     data = calibration.to_dict()
-    assert all(len(row) == 4 for row in data["table"]) and data["time_shift_table"]  # older readers read "table"
-    assert data["recipes"]["2"] == {"strength": 1.5, "shift": 1.0, "time_shift": -0.2}
+    assert all(len(row) == 4 for row in data["table"]) and data["walk_table"]  # older readers read "table"
+    assert data["recipes"]["2"] == {"strength": 1.5, "shift": 1.0, "time_shift": -0.2, "multistep": 0.4}
     again = Calibration.from_dict(data)
     assert again.recipes() == calibration.recipes() and sorted(again.table, key=str) == sorted(calibration.table, key=str)
-    assert " 2 steps strength 1.5  shift 1      rms" in again.text() and "time shift -0.2" in again.text()
-    assert max(len(line) for line in again.text().splitlines()) <= 64
+    text = again.text()
+    assert " 2 steps strength 1.5  shift 1      rms" in text and "time shift -0.2, multistep 0.4" in text
+    assert "multistep 0.2" in text and max(len(line) for line in text.splitlines()) <= 64
+    data.pop("walk_table")  # a file written before the walk's choices: Euler's walk at every step count
+    for recipe in data["recipes"].values():
+        recipe.pop("time_shift"), recipe.pop("multistep")
+    assert Calibration.from_dict(data).recipes() == plain.recipes()
 
 
 def test_the_distance_is_the_root_mean_square_difference():
@@ -234,13 +277,13 @@ def test_calibrate_searches_every_step_count_and_the_metadata_recommends_its_bes
     assert calibration.reference_steps == 8 and calibration.samples == 4
     assert calibration.table[0][0] == Recipe(2, 1.0, 1.0) and calibration.step_counts == [1, 2, 3, 4]
     best, distance = calibration.best
-    # the closest at its time shift (a time shift the 4 noises cannot tell apart from Euler's gives way to it)
-    assert distance == min(d for r, d in calibration.table if r.steps == 2 and r.time_shift == best.time_shift)
+    # the closest on its walk (a walk the 4 noises cannot tell apart from Euler's gives way to it)
+    assert distance == min(d for r, d in calibration.table if r.steps == 2 and r.walk == best.walk)
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
     one = calibration.best_for(1)[0]
     assert metadata.calibration["recipes"]["1"] == {"strength": one.strength, "shift": one.shift,
-                                                    "time_shift": one.time_shift}
-    assert {r.time_shift for r, _ in calibration.table if r.steps == 1} == {0.0}  # one jump: nothing to tell
+                                                    **one.walk}
+    assert {tuple(r.walk.values()) for r, _ in calibration.table if r.steps == 1} == {(0.0, 0.0)}  # one jump: Euler
     for n in (2, 3, 4):  # each chosen recipe's time shifts were measured beside it
         chosen = calibration.best_for(n)[0]
         assert {r.time_shift for r, _ in calibration.table
