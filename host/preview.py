@@ -89,7 +89,7 @@ class TrainingPreview:
         recipe = recipe or Recipe(cfg.sample_steps, 1.0, cfg.sample_shift)
         sigmas = shifted_schedule(recipe.steps, recipe.shift, t_max=cfg.t_max)
         student = self.trainer.sample_as(STUDENT, self.noise, sigmas, self.extra, strength=recipe.strength,
-                                         time_shift=recipe.time_shift)
+                                         **recipe.walk)
         strength = "" if recipe.strength == 1.0 else f" x{recipe.strength:g}"
         labels = [f"teacher {cfg.sample_steps} steps", f"student {recipe.steps} steps{strength}",
                   f"teacher {cfg.reference_steps} steps"]

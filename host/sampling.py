@@ -34,11 +34,11 @@ def shortcut_sigmas(steps: int, shift: float, *, denoise: float = 1.0, use_resol
 
 
 def shortcut_euler(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None, disable=None,
-                   time_shift: float = 0.0):
-    """A KSAMPLER function: the engine's Euler over the host's denoiser (v = (x - denoised) / sigma), the model
-    told the times sampling.told_times gives for `time_shift`.
+                   time_shift: float = 0.0, multistep: float = 0.0):
+    """A KSAMPLER function: the engine's Euler over the host's denoiser (v = (x - denoised) / sigma), walking with
+    `time_shift` and `multistep` as sampling.sample_euler does.
 
-    Given the same sigmas and no time shift this is the host's own "euler" sampler step for step.
+    Given the same sigmas and Euler's walk (both 0) this is the host's own "euler" sampler step for step.
     """
     def velocity(x: torch.Tensor, t: torch.Tensor, **extra: Any) -> torch.Tensor:
         denoised = model(x, t, **extra)
@@ -49,7 +49,8 @@ def shortcut_euler(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None
         if callback is not None:
             callback(state)
 
-    return sample_euler(velocity, x, sigmas, extra_args, step_callback, disable, time_shift=time_shift)
+    return sample_euler(velocity, x, sigmas, extra_args, step_callback, disable, time_shift=time_shift,
+                        multistep=multistep)
 
 
 def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuider:
@@ -64,9 +65,9 @@ def make_guider(model, positive, negative, cfg: float) -> comfy.samplers.CFGGuid
 
 
 def sample_shortcut(model, positive, negative, latent: dict, *, seed: int, sigmas: torch.Tensor, cfg: float = 1.0,
-                    time_shift: float = 0.0) -> dict:
-    """Sample a LATENT with the shortcut Euler sampler on the given sigmas (the model told the times of
-    `time_shift`: sampling.told_times); progress, previews and interruption as KSampler (common_ksampler) does
+                    time_shift: float = 0.0, multistep: float = 0.0) -> dict:
+    """Sample a LATENT with the shortcut Euler sampler on the given sigmas (walking with `time_shift` and
+    `multistep`: sampling.sample_euler); progress, previews and interruption as KSampler (common_ksampler) does
     them."""
     require_flow_model(model)
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -74,7 +75,7 @@ def sample_shortcut(model, positive, negative, latent: dict, *, seed: int, sigma
     guider = make_guider(model, positive, negative, cfg)
     steps = max(len(sigmas) - 1, 0)
     callback = latent_preview.prepare_callback(model, steps)
-    sampler = comfy.samplers.KSAMPLER(shortcut_euler, {"time_shift": time_shift})
+    sampler = comfy.samplers.KSAMPLER(shortcut_euler, {"time_shift": time_shift, "multistep": multistep})
     samples = guider.sample(noise, latent_image, sampler, sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
     out = latent.copy()

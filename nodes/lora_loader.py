@@ -8,6 +8,7 @@ from ..host.checks import require_flow_model, require_single_model, upstream_fil
 from ..host.files import lora_names, lora_path
 from ..host.lora import load_lora_onto
 from ..host.recipes import lora_recipes, recipe_for, with_recipes
+from ..shortcut_core.calibration import walk_text
 from .inputs import checked_inputs
 
 log = logging.getLogger("shortcut-flow")
@@ -74,8 +75,8 @@ class ShortcutLoRALoader:
                    if meta.calibration and chosen["measured"] else ".")
                 + ("" if chosen["measured"] else f" No recipe was measured at {recipe.steps} steps: the nearest "
                    f"step count's shift and strength.")
-                + (f" Shortcut Sampler at this shift tells the model the times of time shift {recipe.time_shift:+g} "
-                   f"(its calibration's choice; other samplers use Euler's)." if recipe.time_shift else "")
+                + (f" Shortcut Sampler at this shift walks with {walk_text(recipe)} (its calibration's choice; "
+                   f"other samplers take Euler's walk)." if walk_text(recipe) else "")
                 + (f" Applied at strength {strength:g}, as set." if strength > 0 else "")
                 + (f" Calibrated step counts: {', '.join(str(n) for n in sorted(chosen['recipes']))}."
                    if len(chosen["recipes"]) > 1 else ""))

@@ -22,7 +22,7 @@ _AUTO_SHIFT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01,
                                     "shift the model's shortcut LoRA recommends for these steps (Shortcut LoRA "
                                     "Loader or Train Shortcut put it on the model), else the shift the model samples "
                                     "at. At that shift (auto, or the loader's shift output) a full denoise also "
-                                    "tells the model the times the LoRA's calibration chose (its time shift). Lower "
+                                    "walks as the LoRA's calibration chose (its time shift and multistep). Lower "
                                     "is sharper with more artifacts, higher keeps structure but is softer."})
 _RESOLUTION_SHIFT = ("BOOLEAN", {"default": False,
                                  "tooltip": "Use Flux's resolution-dependent shift e^mu (mu from the latent's token "
@@ -70,14 +70,15 @@ class ShortcutSampler:
     def sample(self, model, positive, latent_image, seed, steps, shift, resolution_shift, cfg, denoise, negative=None,
                unique_id=None, prompt=None):
         require_single_model(model, upstream_files(prompt, unique_id))
-        recipe_shift, time_shift = carried_recipe(model, steps)
-        shift = shift or recipe_shift
-        if resolution_shift or denoise < 1.0 or not math.isclose(shift, recipe_shift, rel_tol=1e-6):
-            time_shift = 0.0  # measured on the whole walk at the recipe's shift, not on another schedule's jumps
+        recipe = carried_recipe(model, steps)
+        shift = shift or recipe.shift
+        walk = recipe.walk
+        if resolution_shift or denoise < 1.0 or not math.isclose(shift, recipe.shift, rel_tol=1e-6):
+            walk = {}  # measured on the whole walk at the recipe's shift, not on another schedule's jumps
         sigmas = shortcut_sigmas(steps, shift, denoise=denoise, use_resolution_shift=resolution_shift,
                                  tokens=token_count(model, tuple(latent_image["samples"].shape[1:])))
         return (sample_shortcut(model, positive, negative, latent_image, seed=seed, sigmas=sigmas, cfg=cfg,
-                                time_shift=time_shift),)
+                                **walk),)
 
 
 class ShortcutScheduler:

@@ -74,7 +74,7 @@ def test_calibration_writes_the_recipe_the_loader_outputs_and_the_node_shows(flu
     assert (metadata.steps, metadata.strength, metadata.shift) == (best.steps, best.strength, best.shift)
     assert (recipe_steps, recipe_shift) == (best.steps, best.shift)  # the node's outputs, for Shortcut Sampler
     # the closest at its time shift (a time shift the 4 noises cannot tell from Euler's gives way to Euler)
-    assert distance == min(d for r, d in calibration.table if r.steps == 3 and r.time_shift == best.time_shift)
+    assert distance == min(d for r, d in calibration.table if r.steps == 3 and r.walk == best.walk)
     assert calibration.samples == 4 and calibration.reference_steps == 32 and calibration.step_counts == [1, 2, 3, 4]
     assert calibration.baseline[0] == Recipe(3, 1.0, 2.0)  # searched around the sample_shift set
     assert metadata.calibration["recipes"].keys() == {"1", "2", "3", "4"}
@@ -109,7 +109,7 @@ def test_the_loader_and_the_sampler_take_the_recipe_for_the_steps_set(flux, lora
         empty = {"samples": torch.zeros(1, 16, 8, 8)}
         sampler = node("ShortcutSampler")
         auto = sampler.sample(model, positive, empty, 3, steps, 0.0, False, 1.0, 1.0)[0]["samples"]
-        as_set = sampling.sample_shortcut(model, positive, None, empty, seed=3, time_shift=best.time_shift,
+        as_set = sampling.sample_shortcut(model, positive, None, empty, seed=3, **best.walk,
                                           sigmas=sampling.shortcut_sigmas(steps, best.shift))["samples"]
         other = sampler.sample(model, positive, empty, 3, steps, best.shift * 2, False, 1.0, 1.0)[0]["samples"]
         assert torch.equal(auto, as_set) and (steps == 1 or not torch.equal(auto, other))  # 1 step: no shift
@@ -128,7 +128,8 @@ def test_a_file_without_per_step_recipes_gives_its_own_for_any_steps_and_says_so
     assert "No recipe was measured at 1 steps: the nearest step count's shift and strength." in out["ui"]["text"][0]
     # a model with no shortcut LoRA: the sampler's auto shift is the one the model samples at (Flux: 3.25)
     recipes = __import__("test_host_nodes").comfy_host.pack_module("host.recipes")
-    assert recipes.carried_recipe(patcher, 3) == (3.25, 0.0)
+    carried = recipes.carried_recipe(patcher, 3)
+    assert (carried.shift, carried.walk) == (3.25, {"time_shift": 0.0, "multistep": 0.0})
 
 
 def _rewritten(lora_dir, source: str, name: str, edit) -> str:
@@ -146,11 +147,11 @@ def _rewritten(lora_dir, source: str, name: str, edit) -> str:
     return name
 
 
-def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on_the_whole_walk(flux, lora_dir):
-    """A recipe with a time shift (the calibration's choice): Shortcut Sampler at the recipe's shift (0, auto, or the
-    loader's shift output, as the workflows wire it) tells the diffusion model the times sampling.told_times gives;
-    another shift, a partial denoise or the resolution shift sample at Euler's times, and a file calibrated before
-    time shifts samples at Euler's times too."""
+def test_the_sampler_walks_as_the_recipe_says_only_on_the_whole_walk(flux, lora_dir):
+    """A recipe with a time shift and a multistep step (the calibration's choice): Shortcut Sampler at the recipe's
+    shift (0, auto, or the loader's shift output, as the workflows wire it) tells the diffusion model the times
+    sampling.told_times gives and steps as sampling.sample_euler does; another shift, a partial denoise or the
+    resolution shift sample on Euler's walk, and a file calibrated before the walk's choices does too."""
     sampling = __import__("test_host_nodes").comfy_host.pack_module("host.sampling")
     patcher, positive = flux
     train_node(patcher, positive, latents(), steps=1, calibrate=True, save_name="timed", sample_shift=2.0)
@@ -161,21 +162,21 @@ def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on
             edit_two_steps(calibration, two)
         return edit
 
-    def noisier(calibration, two):  # as if the calibration had chosen -0.3 at 2 steps
-        calibration["time_shift_table"].append([2, two["strength"], two["shift"], -0.3, 0.01])
-        two["time_shift"] = -0.3
+    def noisier(calibration, two):  # as if the calibration had chosen time shift -0.3, multistep 0.3 at 2 steps
+        calibration["walk_table"].append([2, two["strength"], two["shift"], -0.3, 0.3, 0.01])
+        two["time_shift"], two["multistep"] = -0.3, 0.3
 
-    def before_time_shifts(calibration, two):  # as a 0.5 file: no time shifts at all
-        calibration.pop("time_shift_table")
+    def before_time_shifts(calibration, two):  # as a 0.5 file: no walk at all
+        calibration.pop("walk_table")
         for recipe in calibration["recipes"].values():
-            recipe.pop("time_shift")
+            recipe.pop("time_shift"), recipe.pop("multistep")
 
     loader, sampler = node("ShortcutLoRALoader"), node("ShortcutSampler")
     told_file = _rewritten(lora_dir, "timed.safetensors", "told.safetensors", told_at(noisier))
     old_file = _rewritten(lora_dir, "timed.safetensors", "old.safetensors", told_at(before_time_shifts))
     out = loader.load(patcher, told_file, 0.0, 2)
     model, steps, shift, strength = out["result"]
-    assert "tells the model the times of time shift -0.3" in out["ui"]["text"][0]
+    assert "Shortcut Sampler at this shift walks with time shift -0.3, multistep 0.3" in out["ui"]["text"][0]
 
     told = []
 
@@ -198,6 +199,11 @@ def test_the_sampler_tells_the_model_the_times_of_the_recipes_time_shift_only_on
                                   float(timestep(torch.tensor(t[1] + 0.3 * t[1])))])
     auto_told = list(told)
     assert torch.equal(run(shift, False, 1.0, 1.0), auto) and told == auto_told  # the loader's shift output
+    walked = sampling.sample_shortcut(model, positive, None, empty, seed=3, sigmas=sampling.shortcut_sigmas(2, shift),
+                                      time_shift=-0.3, multistep=0.3)["samples"]
+    told_only = sampling.sample_shortcut(model, positive, None, empty, seed=3, sigmas=sampling.shortcut_sigmas(2, shift),
+                                         time_shift=-0.3)["samples"]
+    assert torch.equal(auto, walked) and not torch.equal(auto, told_only)  # the multistep step taken too
     other = sampling.shortcut_sigmas(2, shift * 1.5).tolist()
     run(shift * 1.5, False, 1.0, 1.0)
     assert told == pytest.approx([float(timestep(torch.tensor(x))) for x in other[:2]])
