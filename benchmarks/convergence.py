@@ -88,7 +88,7 @@ def measure(teacher: Teacher, trainer: ShortcutTrainer, recipe_name: str, second
     for n in STEP_COUNTS:
         chosen, _ = calibration.best_for(n)
         samples = teacher.sample(n, chosen.shift, lambda noise, sigmas, args: trainer.sample_as(
-            STUDENT, noise, sigmas, args, chosen.strength, chosen.time_shift))
+            STUDENT, noise, sigmas, args, chosen.strength, **chosen.walk))
         rmse[n] = teacher.rmse(samples)
         recipes[n] = (chosen.strength, chosen.shift)
         if n == 3:

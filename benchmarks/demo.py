@@ -23,6 +23,7 @@ import torch
 
 from shortcut_core import (Calibration, Recipe, ShortcutConfig, ShortcutTrainer, TrainResult, load_lora, lora_applied,
                            save_lora)
+from shortcut_core.calibration import walk_text
 
 from .digits import (TeacherTraining, frechet_distance, image_grid, load_digits_images, load_or_pretrain_teacher,
                      rmse_to, sample, velocity_of, write_png)
@@ -80,10 +81,10 @@ def evaluate(net, lora, real: torch.Tensor, noise: torch.Tensor, shift: float, r
     with lora_applied(net, lora, 1.0):
         runs["shortcut LoRA, 3 steps"] = sample(net, noise, 3, shift)
     if recipe is not None:
-        told = f", time shift {recipe.time_shift:+g}" if recipe.time_shift else ""
+        told = f", {walk_text(recipe)}" if walk_text(recipe) else ""
         with lora_applied(net, lora, recipe.strength):
             runs[f"shortcut LoRA, 3 steps, calibrated (strength {recipe.strength:g}, shift {recipe.shift:.3g}{told})"] = \
-                sample(net, noise, 3, recipe.shift, time_shift=recipe.time_shift)
+                sample(net, noise, 3, recipe.shift, **recipe.walk)
     runs["teacher, 32 steps"] = sample(net, noise, 32, shift)
     runs[f"teacher, {REFERENCE_STEPS} steps (reference)"] = reference
     rows = [[name, f"{rmse_to(x, reference):.4f}", f"{frechet_distance(x, real):.3f}"] for name, x in runs.items()]

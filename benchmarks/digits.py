@@ -187,9 +187,10 @@ def velocity_of(net: nn.Module):
 
 
 def sample(net: nn.Module, noise: torch.Tensor, steps: int, shift: float = 3.25, batch: int = 1024,
-           time_shift: float = 0.0) -> torch.Tensor:
+           **walk: float) -> torch.Tensor:
+    """Euler samples of `net` from `noise` (`walk`: sampling.sample_euler's time_shift and multistep)."""
     sigmas = shifted_schedule(steps, shift)
-    outs = [sample_euler(velocity_of(net), chunk, sigmas, disable=True, time_shift=time_shift)
+    outs = [sample_euler(velocity_of(net), chunk, sigmas, disable=True, **walk)
             for chunk in noise.split(batch)]
     return torch.cat(outs)
 

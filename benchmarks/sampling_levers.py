@@ -3,6 +3,7 @@ the time the model is told.
 
     python -m benchmarks.sampling_levers --threads 1 --out docs/convergence-sampling-levers
     python -m benchmarks.sampling_levers --levers time-shift --seeds 0 1 2 --threads 1 --out docs/convergence-time-shift-calibrated
+    python -m benchmarks.sampling_levers --levers walk --seeds 0 1 2 --threads 1 --out docs/convergence-walk-calibrated
 
 For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the full budget. Then:
 
@@ -24,6 +25,9 @@ For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the 
   the nearest Euler): this lever scores its choice against the calibration at Euler's times alone, the recipe
   every other lever starts from. (docs/convergence-time-shift.json, before the build, searched a from -0.5 to
   0.5 with the shift beside it, x1 / x1.25 / x1.25^-1.)
+- **The calibrated walk** ("walk"): the calibration as built (the time shift, then the multistep step at it:
+  calibration.WALK_LEVERS) against the calibration with the time shift alone. The "multistep" lever above is the
+  free search that measured the idea before it was built.
 
 Everything is measured on the benchmark's 1000 evaluation noises: RMSE to the teacher's 128-step samples, and
 FD. Figures only.
@@ -40,8 +44,8 @@ import torch
 
 from shortcut_core import ShortcutTrainer
 from shortcut_core.adapters import EMA_FAST, EMA_SLOW, STUDENT, TEACHER
-from shortcut_core.calibration import rms, squared_errors
-from shortcut_core.sampling import told_times
+from shortcut_core.calibration import TIME_SHIFT, WALK_LEVERS, Recipe, rms, squared_errors
+from shortcut_core.sampling import sample_euler
 
 from .report import machine_line, markdown_table
 from .teachers import TEACHERS, euler_samples
@@ -52,7 +56,9 @@ STRENGTHS = tuple(0.25 * k for k in range(1, 17))
 SHIFT_MOVES = (1 / 1.25, 1.25, 1 / 1.1, 1.1)
 MULTISTEP_C = tuple(round(-0.5 + 0.1 * k, 1) for k in range(16))
 SAMPLED = {"student": STUDENT, "fast EMA": EMA_FAST, "slow EMA": EMA_SLOW}
-LEVERS = ("per-jump", "multistep", "sampled", "time-shift")
+LEVERS = ("per-jump", "multistep", "sampled", "time-shift", "walk")
+# each calibrated lever: the calibration's walk levers before and after it
+CALIBRATED = {"time-shift": ((), (TIME_SHIFT,)), "walk": ((TIME_SHIFT,), WALK_LEVERS)}
 
 
 def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float = 0.0, time_shift: float = 0.0):
@@ -61,19 +67,17 @@ def student_sampler(trainer: ShortcutTrainer, strengths: list[float], c: float =
     t_i - time_shift (t_i - t_i+1), at most t_0, on the jump from t_i to t_i+1 (0: the jump's own start)."""
     @torch.no_grad()
     def run(x: torch.Tensor, sigmas: torch.Tensor, args: dict) -> torch.Tensor:
-        s_in = x.new_ones([x.shape[0]])
-        told = told_times(sigmas, time_shift)
-        before = None
+        jumps = iter(strengths)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, **extra) -> torch.Tensor:
+            trainer.adapters.set_strength(STUDENT, next(jumps))
+            return trainer.velocity(x, t, **extra)
+
         with trainer.adapters.use(STUDENT):
             try:
-                for i in range(len(sigmas) - 1):
-                    trainer.adapters.set_strength(STUDENT, strengths[i])
-                    v = trainer.velocity(x, told[i] * s_in, **args)
-                    step = v if before is None else v + c * (v - before)
-                    x, before = x + (sigmas[i + 1] - sigmas[i]) * step, v
+                return sample_euler(velocity, x, sigmas, args, disable=True, time_shift=time_shift, multistep=c)
             finally:
                 trainer.adapters.set_strength(STUDENT, 1.0)
-        return x
     return run
 
 
@@ -125,10 +129,27 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             samples = teacher.sample(n, shift, student_sampler(trainer, strengths, c, time_shift))
             return teacher.rmse(samples), teacher.fd(samples)
 
+        calibrations = {}
+
+        def calibrated(walk_levers: tuple) -> dict[int, Recipe]:
+            if walk_levers not in calibrations:
+                calibrations[walk_levers] = trainer.calibrate(
+                    noise, args, reference_steps=teacher.config.reference_steps, step_counts=STEP_COUNTS,
+                    walk_levers=walk_levers).recipes()
+            return calibrations[walk_levers]
+
+        scores = {}
+
+        def scored(recipe: Recipe) -> tuple[float, float]:
+            if recipe not in scores:
+                scores[recipe] = on_eval_noises(recipe.steps, recipe.shift, [recipe.strength] * recipe.steps,
+                                                recipe.multistep, recipe.time_shift)
+            return scores[recipe]
+
         def calibrated_rows(label: str) -> dict:
-            # at Euler's times: every lever below starts from this recipe
+            # on Euler's walk: every lever below starts from this recipe
             calibration = trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
-                                            step_counts=STEP_COUNTS, time_shifts=False)
+                                            step_counts=STEP_COUNTS, walk_levers=())
             row = dict(teacher=name, seed=cfg.seed, lora=label, rmse={}, fd={}, strength={}, shift={})
             for n in STEP_COUNTS:
                 recipe, _ = calibration.best_for(n)
@@ -140,6 +161,8 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             return row
 
         student = calibrated_rows("student")
+        scores.update({Recipe(n, student["strength"][n], student["shift"][n]): (student["rmse"][n], student["fd"][n])
+                       for n in STEP_COUNTS})
         if "sampled" in levers:
             loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
             rows["sampled"].append(student)
@@ -167,18 +190,14 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
                                           fd=student["fd"][n], multistep_rmse=rmse, multistep_fd=fd))
             print(f"  {name} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), multistep c {c:g} "
                   f"shift {best_shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
-        timed = (trainer.calibrate(noise, args, reference_steps=teacher.config.reference_steps,
-                                   step_counts=STEP_COUNTS) if "time-shift" in levers else None)
-        for n in STEP_COUNTS if timed is not None else ():
-            chosen, _ = timed.best_for(n)  # the strength is the Euler calibration's: the time shift keeps it
-            strength, shift, a = chosen.strength, chosen.shift, chosen.time_shift
-            rmse, fd = ((student["rmse"][n], student["fd"][n])
-                        if (strength, shift, a) == (student["strength"][n], student["shift"][n], 0.0)
-                        else on_eval_noises(n, shift, [strength] * n, time_shift=a))
-            rows["time-shift"].append(dict(run, steps=n, a=a, shift=shift, rmse=student["rmse"][n],
-                                           fd=student["fd"][n], shifted_rmse=rmse, shifted_fd=fd))
-            print(f"  {name} seed {cfg.seed} {n} steps: Euler {student['rmse'][n]:.4f} (FD {student['fd'][n]:.3f}), "
-                  f"time shift {a:g} at shift {shift:.3g} {rmse:.4f} (FD {fd:.3f})", flush=True)
+        for lever in [lever for lever in CALIBRATED if lever in levers]:
+            before, after = (calibrated(walk_levers) for walk_levers in CALIBRATED[lever])
+            for n in STEP_COUNTS:
+                (rmse, fd), (walk_rmse, walk_fd) = scored(before[n]), scored(after[n])
+                rows[lever].append(dict(run, steps=n, a=after[n].time_shift, c=after[n].multistep,
+                                        shift=after[n].shift, rmse=rmse, fd=fd, walk_rmse=walk_rmse, walk_fd=walk_fd))
+                print(f"  {name} seed {cfg.seed} {lever} {n} steps: before {rmse:.4f} (FD {fd:.3f}), "
+                      f"{after[n]} {walk_rmse:.4f} (FD {walk_fd:.3f})", flush=True)
     return rows
 
 
@@ -200,18 +219,18 @@ def multistep_table(rows: list[dict]) -> str:
           f"{r['multistep_rmse'] / r['rmse']:.3f} ({r['multistep_fd'] / r['fd']:.2f})"] for r in rows])
 
 
-def time_shift_table(rows: list[dict]) -> str:
+def walk_table(rows: list[dict]) -> str:
     return markdown_table(
-        ["teacher", "seed", "steps", "Euler RMSE / FD", "a; shift", "time-shifted RMSE / FD",
-         "time-shifted / Euler, RMSE (FD)"],
-        [[r["teacher"], r["seed"], r["steps"], f"{r['rmse']:.4f} / {r['fd']:.3f}", f"{r['a']:g}; {r['shift']:.3g}",
-          f"{r['shifted_rmse']:.4f} / {r['shifted_fd']:.3f}",
-          f"{r['shifted_rmse'] / r['rmse']:.3f} ({r['shifted_fd'] / r['fd']:.2f})"] for r in rows])
+        ["teacher", "seed", "steps", "before: RMSE / FD", "time shift, multistep; shift", "after: RMSE / FD",
+         "after / before, RMSE (FD)"],
+        [[r["teacher"], r["seed"], r["steps"], f"{r['rmse']:.4f} / {r['fd']:.3f}",
+          f"{r['a']:g}, {r.get('c', 0.0):g}; {r['shift']:.3g}", f"{r['walk_rmse']:.4f} / {r['walk_fd']:.3f}",
+          f"{r['walk_rmse'] / r['rmse']:.3f} ({r['walk_fd'] / r['fd']:.2f})"] for r in rows])
 
 
-def time_shift_summary(rows: list[dict]) -> str:
-    """Per teacher and step count: the mean over seeds of the time-shifted / Euler ratios, RMSE / FD, and the
-    time shifts chosen."""
+def walk_summary(rows: list[dict]) -> str:
+    """Per teacher and step count: the mean over seeds of the after / before ratios, RMSE / FD, and the walks
+    chosen (time shift a, multistep c)."""
     teachers = list(dict.fromkeys(r["teacher"] for r in rows))
     steps = sorted({r["steps"] for r in rows})
     out = []
@@ -222,10 +241,10 @@ def time_shift_summary(rows: list[dict]) -> str:
             if not mine:
                 cells.append("")
                 continue
-            rmse = sum(r["shifted_rmse"] / r["rmse"] for r in mine) / len(mine)
-            fd = sum(r["shifted_fd"] / r["fd"] for r in mine) / len(mine)
-            chosen = ", ".join(f"{r['a']:g}" for r in mine)
-            cells.append(f"{rmse:.2f} / {fd:.2f} (a {chosen})")
+            rmse = sum(r["walk_rmse"] / r["rmse"] for r in mine) / len(mine)
+            fd = sum(r["walk_fd"] / r["fd"] for r in mine) / len(mine)
+            chosen = "; ".join(f"{r['a']:g}, {r.get('c', 0.0):g}" for r in mine)
+            cells.append(f"{rmse:.2f} / {fd:.2f} (a, c: {chosen})")
         out.append([n] + cells)
     return markdown_table(["steps"] + teachers, out)
 
@@ -269,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             for lever, found in measure(name, args.levers, seed, args.user_shifts).items():
                 rows[lever] += found
     tables = {"per-jump": per_jump_table, "sampled": sampled_table, "multistep": multistep_table,
-              "time-shift": lambda found: f"{time_shift_summary(found)}\n\n{time_shift_table(found)}"}
+              "time-shift": lambda found: f"{walk_summary(found)}\n\n{walk_table(found)}",
+              "walk": lambda found: f"{walk_summary(found)}\n\n{walk_table(found)}"}
     text = "\n\n".join(tables[lever](rows[lever]) for lever in LEVERS if rows[lever])
     print(text)
     if args.out is not None:
