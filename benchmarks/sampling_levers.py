@@ -20,7 +20,7 @@ For each teacher (benchmarks/teachers.py) the paper's recipe trains once at the 
   diffusion models through sampling with shifted time steps"): a state reached by a long jump is not the
   state the model was trained on at that time, so each jump from t_i to t_i+1 queries the model at
   t_i - a (t_i - t_i+1) (a = 0 is Euler; capped at the schedule's first time: shortcut_core.sampling.told_times).
-  The calibration now searches a itself (calibration.search_time_shifts: told noisier only, at each step count's
+  The calibration now searches a itself (calibration.search_walk with TIME_SHIFT: told noisier only, at each step count's
   chosen strength and shift, the shift beside it; of the settings the 16 noises cannot tell from the closest,
   the nearest Euler): this lever scores its choice against the calibration at Euler's times alone, the recipe
   every other lever starts from. (docs/convergence-time-shift.json, before the build, searched a from -0.5 to
