@@ -161,8 +161,9 @@ def measure(name: str, levers: Sequence[str] = LEVERS, seed: int | None = None,
             return row
 
         student = calibrated_rows("student")
-        scores.update({Recipe(n, student["strength"][n], student["shift"][n]): (student["rmse"][n], student["fd"][n])
-                       for n in STEP_COUNTS})
+        # the calibration on Euler's walk and its scores, as measured: the time-shift lever starts from them
+        calibrations[()] = {n: Recipe(n, student["strength"][n], student["shift"][n]) for n in STEP_COUNTS}
+        scores.update({calibrations[()][n]: (student["rmse"][n], student["fd"][n]) for n in STEP_COUNTS})
         if "sampled" in levers:
             loras = {label: trainer.adapters.lora_state(role) for label, role in SAMPLED.items()}
             rows["sampled"].append(student)
@@ -288,8 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             for lever, found in measure(name, args.levers, seed, args.user_shifts).items():
                 rows[lever] += found
     tables = {"per-jump": per_jump_table, "sampled": sampled_table, "multistep": multistep_table,
-              "time-shift": lambda found: f"{walk_summary(found)}\n\n{walk_table(found)}",
-              "walk": lambda found: f"{walk_summary(found)}\n\n{walk_table(found)}"}
+              **{lever: lambda found: f"{walk_summary(found)}\n\n{walk_table(found)}" for lever in CALIBRATED}}
     text = "\n\n".join(tables[lever](rows[lever]) for lever in LEVERS if rows[lever])
     print(text)
     if args.out is not None:
